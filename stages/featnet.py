@@ -1,0 +1,35 @@
+"""DVC stage `featnet`: train the dataset's own feature network for offline FID (metric names `*_featnet`)."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from stepwise.config import FeatNetConfig, parse
+from stepwise.data import load_split
+from stepwise.featnet import save_featnet, train_featnet
+from stepwise.training import resolve_device
+
+from .common import load_params, run_stage, section, stage_run, write_metrics
+
+
+def main(args) -> None:
+    params = load_params(args.params)
+    cfg = parse(FeatNetConfig, section(params, "eval", "featnet"), "eval.featnet")
+    images, labels, classes = load_split(f"{args.data}/train.pt")
+    test_images, test_labels, _ = load_split(f"{args.data}/test.pt")
+    with stage_run("featnet", params, {"eval.featnet": asdict(cfg)}) as run:
+        net, acc = train_featnet(images, labels, test_images, test_labels, len(classes), cfg,
+                                 device=resolve_device("auto"))
+        save_featnet(net.cpu(), args.out, {"test_accuracy": acc, "classes": classes})
+        write_metrics({"featnet_test_accuracy": acc}, args.metrics)
+        run.log_metrics({"featnet_test_accuracy": acc})
+        run.log_artifact(args.out)
+
+
+def configure(parser) -> None:
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--out", default="models/featnet.pt")
+    parser.add_argument("--metrics", default="metrics/featnet.json")
+
+
+if __name__ == "__main__":
+    run_stage("featnet", main, configure)

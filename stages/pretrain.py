@@ -1,0 +1,76 @@
+"""DVC stage `pretrain`: train the unified denoiser on all timesteps (TDC stage 1, arXiv 2312.13307).
+
+Resumable: checkpoints live in <out>/checkpoints (a persistent DVC output); rerunning after a crash or kill
+continues from the newest checkpoint of the same configuration.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from stepwise.checkpoint import fingerprint, save_model
+from stepwise.config import DiffusionConfig, TrainConfig, parse
+from stepwise.data import load_split
+from stepwise.diffusion import Diffusion
+from stepwise.io import write_text
+from stepwise.models import build_model, count_params
+from stepwise.training import train
+
+from .common import load_params, run_stage, section, stage_run, write_metrics
+
+# Settings that may change between a run and its resumption without making it a different run.
+RESUME_NEUTRAL = ("steps", "ckpt_every", "keep_checkpoints", "log_every", "device")
+
+
+def history_csv(history: list[dict]) -> str:
+    """Logged rows as CSV (step, loss, lr, loss_bin/k, loss_var_bin/k ...) for `dvc plots`."""
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "step", k))
+    lines = [",".join(keys)] + [",".join(str(row.get(k, "")) for k in keys) for row in history]
+    return "\n".join(lines) + "\n"
+
+
+def main(args) -> None:
+    params = load_params(args.params)
+    model_cfg = section(params, "model")
+    dcfg = parse(DiffusionConfig, section(params, "diffusion"), "diffusion")
+    tcfg = parse(TrainConfig, section(params, "train"), "train")
+    images, _, _ = load_split(f"{args.data}/train.pt")
+    data_sha = json.loads(Path(args.data, "card.json").read_text())["splits"]["train"]["sha256"]
+    model = build_model(model_cfg, image_size=images.shape[-1], channels=images.shape[1])
+    diffusion = Diffusion.from_config(asdict(dcfg))
+    run_id = fingerprint(model_cfg, asdict(dcfg), {k: v for k, v in asdict(tcfg).items() if k not in RESUME_NEUTRAL},
+                         data_sha)
+    out = Path(args.out)
+    with stage_run("pretrain", params, {"model": model_cfg, "diffusion": asdict(dcfg), "train": asdict(tcfg)}) as run:
+        run.set_tags({"fingerprint": run_id})
+        run.log_metrics({"num_params": count_params(model)})
+        t0 = time.time()
+        result = train(model, diffusion, images, tcfg, out / "checkpoints", fingerprint=run_id,
+                       log_fn=run.log_metrics)
+        seconds = time.time() - t0
+        save_model(out / "model.pt", model_cfg=model_cfg, diffusion_cfg=asdict(dcfg), image_shape=images.shape[1:],
+                   state_dict=result["model"].state_dict(), ema_state_dict=result["ema"].state_dict(),
+                   meta={"steps": tcfg.steps, "images_seen": result["images_seen"], "fingerprint": run_id,
+                         "data_sha256": data_sha, "num_params": count_params(model)})
+        write_text(history_csv(result["history"]), args.plot)
+        last = result["history"][-max(1, len(result["history"]) // 10):]
+        metrics = {"final_loss": sum(r["loss"] for r in last) / len(last), "num_params": count_params(model),
+                   "images_seen": result["images_seen"], "train_seconds_this_run": seconds,
+                   "resumed_from_step": result["resumed_from"] or 0}
+        write_metrics(metrics, args.metrics)
+        run.log_metrics({k: v for k, v in metrics.items() if k != "num_params"})
+        run.log_artifact(out / "model.pt")
+        run.log_artifact(args.plot)
+
+
+def configure(parser) -> None:
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--out", default="models/unified")
+    parser.add_argument("--metrics", default="metrics/pretrain.json")
+    parser.add_argument("--plot", default="plots/pretrain_loss.csv")
+
+
+if __name__ == "__main__":
+    run_stage("pretrain", main, configure)

@@ -1,0 +1,17 @@
+"""The project's error types: each carries one message that says what is wrong and how to fix it."""
+
+
+class StepwiseError(Exception):
+    """Base class: stages print the message alone (no traceback) and exit with status 2."""
+
+
+class ConfigError(StepwiseError, ValueError):
+    """An invalid parameter: unknown name, value out of range, inconsistent settings."""
+
+
+class DataError(StepwiseError):
+    """Missing, corrupt or wrongly shaped input data."""
+
+
+class CheckpointError(StepwiseError):
+    """A checkpoint that is truncated, corrupt or incompatible with the configured model."""

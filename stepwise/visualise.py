@@ -1,0 +1,16 @@
+"""Images for people: sample grids written atomically."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.utils import save_image
+
+from .io import atomic_path
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
+    """Save uint8 images (N, C, H, W) as one PNG grid, nrow per row (default: square)."""
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(len(images)))))
+    with atomic_path(path) as tmp:
+        save_image(images.float() / 255, tmp, nrow=nrow, padding=1, format="png")
