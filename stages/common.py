@@ -1,8 +1,8 @@
 """What every stage shares: reading params.yaml, the MLflow parent/child runs, tags, and clean error exits.
 
 MLflow layout: one parent run per pipeline run (found again by its `stepwise.pipeline` tag while it is RUNNING, so
-every stage of one `dvc repro` or one `dvc exp run` lands under it), one nested run per stage. The stage named in
-FINAL_STAGE marks the parent FINISHED. The tracking URI is `$MLFLOW_TRACKING_URI`, else SQLite at
+every stage of one `dvc repro` or one `dvc exp run` lands under it), one nested run per stage. The last stage of
+dvc.yaml marks the parent FINISHED. The tracking URI is `$MLFLOW_TRACKING_URI`, else SQLite at
 `<repo root>/mlflow.db` with artifacts in `<repo root>/mlartifacts`; the repo root is `$DVC_ROOT` when DVC runs the
 stage (also inside `dvc exp run --temp`), else this checkout.
 """
@@ -24,13 +24,19 @@ from stepwise.errors import StepwiseError
 log = logging.getLogger("stepwise")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "stepwise"
-FINAL_STAGE = "evaluate"
 PIPELINE_TAG = "stepwise.pipeline"
 
 
 def repo_root() -> Path:
     """$DVC_ROOT when set by DVC, else the checkout holding this file."""
     return Path(os.environ.get("DVC_ROOT") or REPO_ROOT).resolve()
+
+
+def final_stage() -> str:
+    """The name of the last stage in dvc.yaml (the one that closes the pipeline's parent run)."""
+    path = repo_root() / "dvc.yaml"
+    stages = list((yaml.safe_load(path.read_text()) or {}).get("stages", {})) if path.is_file() else []
+    return stages[-1] if stages else ""
 
 
 def tracking_uri() -> str:
@@ -96,11 +102,25 @@ class Tracker:
         self.mlflow.set_tags(tags)
 
 
+def _probe(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, when a remote tracking server does not answer its /health endpoint."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise StepwiseError(f"MLflow tracking server {uri} is unreachable ({e}); start it, fix MLFLOW_TRACKING_URI, "
+                            "or unset it to use the local SQLite store") from None
+
+
 def _connect():
     """Import MLflow, point it at the tracking URI and the experiment; StepwiseError if the store is unreachable."""
     import mlflow
 
     uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _probe(uri)
     mlflow.set_tracking_uri(uri)
     try:
         exp = mlflow.get_experiment_by_name(EXPERIMENT)
@@ -124,8 +144,9 @@ def _parent_run(mlflow, exp_id: str, params: dict) -> str:
                                max_results=1, order_by=["attributes.start_time DESC"])
     if found:
         return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=f"pipeline:{key}", tags={PIPELINE_TAG: key, "git_sha": git_sha(),
-                                                                      "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")})
+    tags = {PIPELINE_TAG: key, "git_sha": git_sha(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            "prefect_flow_run_id": os.environ.get("STEPWISE_PREFECT_FLOW_RUN", "")}
+    run = client.create_run(exp_id, run_name=f"pipeline:{key}", tags=tags)
     for k, v in flatten(params).items():
         client.log_param(run.info.run_id, k, str(v)[:6000])
     return run.info.run_id
@@ -146,7 +167,7 @@ def stage_run(stage: str, params: dict, stage_params: dict):
         except BaseException:
             mlflow.end_run("FAILED")
             raise
-    if stage == FINAL_STAGE:
+    if os.environ.get("DVC_STAGE", stage).split("@")[0] == final_stage():
         mlflow.MlflowClient().set_terminated(parent, "FINISHED")
 
 
@@ -171,3 +192,31 @@ def write_metrics(metrics: dict, path) -> None:
 
     write_json({k.replace("/", "."): v for k, v in metrics.items()}, path)
 
+
+
+class _NullTracker:
+    """What non-zero ranks of a data-parallel stage log with: nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@contextmanager
+def rank_zero_run(stage: str, params: dict, stage_params: dict, rank: int):
+    """stage_run on rank 0; a tracker that logs nothing on the other ranks."""
+    if rank == 0:
+        with stage_run(stage, params, stage_params) as tracker:
+            yield tracker
+    else:
+        yield _NullTracker()
+
+
+def relaunch_under_torchrun(nproc: int, module: str) -> None:
+    """If `nproc` > 1 and not already under torchrun, rerun this stage as `torchrun --nproc-per-node nproc -m module`
+    with the same arguments and exit with its status."""
+    if nproc <= 1 or "WORLD_SIZE" in os.environ:
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module,
+           *sys.argv[1:]]
+    log.info("data-parallel: %s", " ".join(cmd))
+    sys.exit(subprocess.call(cmd))

@@ -8,27 +8,30 @@ from pathlib import Path
 
 import torch
 
-from stepwise.checkpoint import load_denoiser
-from stepwise.config import EvalConfig, SampleConfig, parse
+from stepwise.checkpoint import checkpoint_paths, load_checkpoint_ema, load_denoiser
+from stepwise.errors import StepwiseError
 from stepwise.data import load_split
+from stepwise.featnet import load_featnet
 from stepwise.fidelity import INCEPTION_WEIGHTS, fidelity_metrics, find_inception_weights
-from stepwise.io import save_torch
+from stepwise.io import save_torch, write_text
+from stepwise.params import validate_params
 from stepwise.sampling import generate, to_uint8
 from stepwise.training import resolve_device
 from stepwise.visualise import save_grid
 
-from .common import load_params, run_stage, section, stage_run, write_metrics
+from .common import load_params, run_stage, stage_run, write_metrics
 
 log = logging.getLogger("stepwise.evaluate")
 
 
 def main(args) -> None:
     params = load_params(args.params)
-    scfg = parse(SampleConfig, section(params, "sample"), "sample")
-    ecfg = parse(EvalConfig, section(params, "eval"), "eval")
+    cfg = validate_params(params, ("sample", "eval"))
+    scfg, ecfg = cfg["sample"], cfg["eval"]
     inception = find_inception_weights(ecfg.inception)
     model, diffusion, shape = load_denoiser(args.model, use_ema=scfg.use_ema)
     test_images, _, _ = load_split(f"{args.data}/test.pt")
+    load_featnet(args.featnet)  # a missing or corrupt feature network fails here, before sampling
     device = resolve_device("auto")
     with stage_run("evaluate", params, {"sample": asdict(scfg), "eval": asdict(ecfg)}) as run:
         t0 = time.time()
@@ -51,10 +54,33 @@ def main(args) -> None:
                      "file's path, or place it in the torch hub cache, to compute them.", INCEPTION_WEIGHTS)
         metrics.update({"num_samples": ecfg.num_samples, "sampling_seconds": seconds,
                         "samples_per_second": ecfg.num_samples / seconds})
+        curve = fid_curve(model, diffusion, shape, test_images, args.checkpoints, scfg, ecfg, args.featnet,
+                          device) if ecfg.curve_samples else []
+        write_text("step,fid_featnet,kid_featnet\n" + "".join(
+            f"{r['step']},{r['fid_featnet']},{r.get('kid_featnet', '')}\n" for r in curve), args.curve)
+        for r in curve:
+            run.log_metrics({"curve_fid_featnet": r["fid_featnet"]}, step=r["step"])
         write_metrics(metrics, args.metrics)
         run.log_metrics(metrics)
         run.log_artifact(out / "grid.png")
         log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+
+
+def fid_curve(model, diffusion, shape, test_images, ckpt_dir, scfg, ecfg, featnet, device) -> list[dict]:
+    """FID (curve_samples samples, same fixed noise) of the EMA weights of every kept training checkpoint."""
+    rows = []
+    for path in checkpoint_paths(ckpt_dir):
+        step = load_checkpoint_ema(path, model, diffusion)
+        images = to_uint8(generate(model.to(device), diffusion.to(device), ecfg.curve_samples, shape,
+                                   sampler=scfg.sampler, steps=scfg.steps, eta=scfg.eta, seed=scfg.seed,
+                                   batch_size=scfg.batch_size, device=device, progress=False))
+        m = fidelity_metrics(images, test_images, extractor="featnet", weights_path=featnet, fid=True,
+                             kid=ecfg.kid, prc=False, kid_subset_size=ecfg.kid_subset_size, cuda=device.type == "cuda")
+        rows.append({"step": step, **m})
+        log.info("curve: step %d fid_featnet %.4f", step, m["fid_featnet"])
+    if not rows:
+        raise StepwiseError(f"eval.curve_samples is set but {ckpt_dir} holds no checkpoints; rerun pretrain")
+    return rows
 
 
 def configure(parser) -> None:
@@ -63,6 +89,8 @@ def configure(parser) -> None:
     parser.add_argument("--featnet", default="models/featnet.pt")
     parser.add_argument("--out", default="samples/unified")
     parser.add_argument("--metrics", default="metrics/evaluate.json")
+    parser.add_argument("--checkpoints", default="models/unified/checkpoints")
+    parser.add_argument("--curve", default="plots/fid_curve.csv")
 
 
 if __name__ == "__main__":

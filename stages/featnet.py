@@ -3,17 +3,17 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from stepwise.config import FeatNetConfig, parse
 from stepwise.data import load_split
 from stepwise.featnet import save_featnet, train_featnet
+from stepwise.params import validate_params
 from stepwise.training import resolve_device
 
-from .common import load_params, run_stage, section, stage_run, write_metrics
+from .common import load_params, run_stage, stage_run, write_metrics
 
 
 def main(args) -> None:
     params = load_params(args.params)
-    cfg = parse(FeatNetConfig, section(params, "eval", "featnet"), "eval.featnet")
+    cfg = validate_params(params, ("eval",))["eval"].featnet
     images, labels, classes = load_split(f"{args.data}/train.pt")
     test_images, test_labels, _ = load_split(f"{args.data}/test.pt")
     with stage_run("featnet", params, {"eval.featnet": asdict(cfg)}) as run:

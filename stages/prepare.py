@@ -7,12 +7,14 @@ from stepwise.data import check_images, load_source, save_split
 from stepwise.io import write_json
 from stepwise.visualise import save_grid
 
-from .common import load_params, run_stage, section, stage_run
+from stepwise.params import validate_params
+
+from .common import load_params, run_stage, stage_run
 
 
 def main(args) -> None:
     params = load_params(args.params)
-    cfg = section(params, "data")
+    cfg = validate_params(params, ("data",))["data"]
     source = load_source(cfg)  # every read and check happens before anything is written
     for split, (images, labels) in source["splits"].items():
         check_images(images, labels, f"{split} split of {source['source']}", cfg.get("image_size"), cfg.get("channels"))

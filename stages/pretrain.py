@@ -11,17 +11,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stepwise.checkpoint import fingerprint, save_model
-from stepwise.config import DiffusionConfig, TrainConfig, parse
 from stepwise.data import load_split
+from stepwise.distributed import dist_info, init_from_env
 from stepwise.diffusion import Diffusion
 from stepwise.io import write_text
 from stepwise.models import build_model, count_params
+from stepwise.params import validate_params
 from stepwise.training import train
 
-from .common import load_params, run_stage, section, stage_run, write_metrics
+from .common import load_params, rank_zero_run, relaunch_under_torchrun, run_stage, write_metrics
 
 # Settings that may change between a run and its resumption without making it a different run.
-RESUME_NEUTRAL = ("steps", "ckpt_every", "keep_checkpoints", "log_every", "device")
+RESUME_NEUTRAL = ("steps", "ckpt_every", "keep_checkpoints", "log_every", "device")  # nproc is not: per-rank RNG
 
 
 def history_csv(history: list[dict]) -> str:
@@ -33,25 +34,35 @@ def history_csv(history: list[dict]) -> str:
 
 def main(args) -> None:
     params = load_params(args.params)
-    model_cfg = section(params, "model")
-    dcfg = parse(DiffusionConfig, section(params, "diffusion"), "diffusion")
-    tcfg = parse(TrainConfig, section(params, "train"), "train")
+    cfg = validate_params(params, ("model", "diffusion", "train"))
+    model_cfg, dcfg, tcfg = params["model"], cfg["diffusion"], cfg["train"]
+    relaunch_under_torchrun(tcfg.nproc, "stages.pretrain")
+    init_from_env()
+    rank, _ = dist_info()
     images, _, _ = load_split(f"{args.data}/train.pt")
     data_sha = json.loads(Path(args.data, "card.json").read_text())["splits"]["train"]["sha256"]
-    model = build_model(model_cfg, image_size=images.shape[-1], channels=images.shape[1])
     diffusion = Diffusion.from_config(asdict(dcfg))
-    run_id = fingerprint(model_cfg, asdict(dcfg), {k: v for k, v in asdict(tcfg).items() if k not in RESUME_NEUTRAL},
+    c = images.shape[1]
+    model = build_model(model_cfg, image_size=images.shape[-1], channels=c, out_channels=c * diffusion.out_channels_factor)
+    neutral = set(RESUME_NEUTRAL)
+    if tcfg.momentum_decay != "none" and "total_steps" not in tcfg.momentum_decay_args:
+        neutral.discard("steps")  # the momentum schedule spans train.steps: more steps is another run
+    run_id = fingerprint(model_cfg, asdict(dcfg), {k: v for k, v in asdict(tcfg).items() if k not in neutral},
                          data_sha)
     out = Path(args.out)
-    with stage_run("pretrain", params, {"model": model_cfg, "diffusion": asdict(dcfg), "train": asdict(tcfg)}) as run:
+    stage_params = {"model": model_cfg, "diffusion": asdict(dcfg), "train": asdict(tcfg)}
+    with rank_zero_run("pretrain", params, stage_params, rank) as run:
         run.set_tags({"fingerprint": run_id})
         run.log_metrics({"num_params": count_params(model)})
         t0 = time.time()
         result = train(model, diffusion, images, tcfg, out / "checkpoints", fingerprint=run_id,
                        log_fn=run.log_metrics)
         seconds = time.time() - t0
+        if rank != 0:
+            return
         save_model(out / "model.pt", model_cfg=model_cfg, diffusion_cfg=asdict(dcfg), image_shape=images.shape[1:],
                    state_dict=result["model"].state_dict(), ema_state_dict=result["ema"].state_dict(),
+                   diffusion_state=diffusion.state_dict(),
                    meta={"steps": tcfg.steps, "images_seen": result["images_seen"], "fingerprint": run_id,
                          "data_sha256": data_sha, "num_params": count_params(model)})
         write_text(history_csv(result["history"]), args.plot)

@@ -22,12 +22,18 @@ def checkpoint_paths(ckpt_dir) -> list[Path]:
     return sorted(Path(ckpt_dir).glob("step_*.pt"))
 
 
-def save_checkpoint(state: dict, ckpt_dir, step: int, keep: int = 2) -> Path:
-    """Write ckpt_dir/step_{step:08d}.pt atomically, then delete all but the newest `keep`."""
+def checkpoint_step(path: Path) -> int:
+    """The training step of a checkpoint file named step_XXXXXXXX.pt."""
+    return int(Path(path).stem.split("_")[1])
+
+
+def save_checkpoint(state: dict, ckpt_dir, step: int, keep: int = 2, protect=()) -> Path:
+    """Write ckpt_dir/step_{step:08d}.pt atomically, then delete all but the newest `keep` and the `protect` steps."""
     path = Path(ckpt_dir) / f"step_{step:08d}.pt"
     save_torch({"format": CKPT_FORMAT, "step": step, **state}, path)
     for old in checkpoint_paths(ckpt_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+        if checkpoint_step(old) not in protect:
+            old.unlink(missing_ok=True)
     return path
 
 
@@ -52,11 +58,12 @@ def load_latest_checkpoint(ckpt_dir, expected_fingerprint: str) -> dict | None:
     return state
 
 
-def save_model(path, *, model_cfg: dict, diffusion_cfg: dict, image_shape, state_dict, ema_state_dict, meta: dict):
+def save_model(path, *, model_cfg: dict, diffusion_cfg: dict, image_shape, state_dict, ema_state_dict, meta: dict,
+               diffusion_state: dict | None = None):
     """Write the trained denoiser (raw and EMA weights, plus everything needed to rebuild it) atomically."""
     save_torch({"format": MODEL_FORMAT, "model": dict(model_cfg), "diffusion": dict(diffusion_cfg),
                 "image_shape": list(image_shape), "state_dict": state_dict, "ema_state_dict": ema_state_dict,
-                "meta": meta}, path)
+                "diffusion_state": diffusion_state or {}, "meta": meta}, path)
 
 
 def load_model_file(path) -> dict:
@@ -71,9 +78,22 @@ def load_denoiser(path, use_ema: bool = True):
 
     obj = load_model_file(path)
     c, h, w = obj["image_shape"]
-    model = build_model(obj["model"], image_size=h, channels=c)
+    diffusion = Diffusion.from_config(obj["diffusion"])
+    model = build_model(obj["model"], image_size=h, channels=c, out_channels=c * diffusion.out_channels_factor)
     try:
         model.load_state_dict(obj["ema_state_dict" if use_ema else "state_dict"])
+        diffusion.load_state_dict(obj.get("diffusion_state") or {})
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model it describes ({str(e).splitlines()[0]})") from None
-    return model.eval(), Diffusion.from_config(obj["diffusion"]), (c, h, w)
+    return model.eval(), diffusion.eval(), (c, h, w)
+
+
+def load_checkpoint_ema(path, model, diffusion) -> int:
+    """Load a training checkpoint's EMA weights (and diffusion state) into model/diffusion; returns its step."""
+    state = load_torch(path, CKPT_FORMAT)
+    try:
+        model.load_state_dict(state["ema"])
+        diffusion.load_state_dict(state.get("diffusion") or {})
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model of the final model file ({str(e).splitlines()[0]})") from None
+    return int(state["step"])

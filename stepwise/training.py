@@ -19,7 +19,10 @@ from .checkpoint import checkpoint_paths, load_latest_checkpoint, save_checkpoin
 from .config import TrainConfig
 from .data import to_model_range
 from .diffusion import Diffusion
-from .errors import CheckpointError, ConfigError
+from .distributed import all_gather_cat, all_gather_objects, all_reduce_mean, barrier, dist_info
+from .errors import CheckpointError, ConfigError, StepwiseError
+from .mixed_x0 import ROUTES
+from .optim_schedules import MomentumDecay
 from .seeding import derive_seed
 from .timestep_samplers import TimestepSampler, build_timestep_sampler
 
@@ -53,17 +56,24 @@ class BinStats:
         l64 = losses.detach().double()  # (B,)
         self.stats.index_add_(1, b, torch.stack([torch.ones_like(l64), l64, l64 * l64]))
 
-    def pop(self) -> dict:
-        """{'loss_bin/k': mean, 'loss_var_bin/k': variance} for non-empty bins; resets the counters."""
-        n, s, ss = self.stats.cpu().unbind(0)
+    def pop(self, name: str = "loss") -> dict:
+        """{'<name>_bin/k': mean, '<name>_var_bin/k': variance} for non-empty bins; resets the counters."""
+        n, s, ss = self.stats.tolist()  # copies to host lists before the reset
         self.stats.zero_()
         out = {}
         for k in range(self.bins):
             if n[k] > 0:
                 mean = s[k] / n[k]
-                out[f"loss_bin/{k:02d}"] = float(mean)
-                out[f"loss_var_bin/{k:02d}"] = float(max(ss[k] / n[k] - mean * mean, 0.0))
+                out[f"{name}_bin/{k:02d}"] = mean
+                out[f"{name}_var_bin/{k:02d}"] = max(ss[k] / n[k] - mean * mean, 0.0)
         return out
+
+
+def build_sampler(cfg: TrainConfig, diffusion: Diffusion, t_range=None, rank: int = 0) -> TimestepSampler:
+    """The configured timestep sampler, seeded from the run seed and rank, optionally restricted to t_range."""
+    return build_timestep_sampler(cfg.timestep_sampler, diffusion.T, seed=derive_seed(cfg.seed, 7, rank),
+                                  t_range=t_range,
+                                  default_abar=diffusion.schedule.abar, **cfg.timestep_sampler_args)
 
 
 def train(
@@ -80,28 +90,40 @@ def train(
 ) -> dict:
     """Train `model` on uint8 images (N, C, H, W) for cfg.steps steps, resuming from ckpt_dir when possible.
 
+    Under torchrun (an initialised process group) each rank trains on batch_size / world examples per step;
+    gradients are all-reduced by DDP and the timestep sampler / route mixing learn from the all-gathered losses.
+
     Returns {'model', 'ema' (the EMA nn.Module), 'history' (logged rows), 'resumed_from' (step or None),
-    'images_seen'}.
+    'sampler', 'images_seen'}.
     """
     device = resolve_device(cfg.device)
+    rank, world = dist_info()
     if cfg.batch_size > len(images):
         raise ConfigError(f"train.batch_size={cfg.batch_size} is larger than the dataset ({len(images)} images)")
+    if cfg.batch_size % world:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
+    local_batch = cfg.batch_size // world
     bf16 = cfg.precision == "bf16"
     if bf16 and device.type != "cuda":
         log.warning("train.precision=bf16 requested on %s: bf16 autocast is used on CUDA only, running fp32", device)
         bf16 = False
-    model = model.to(device)
+    model, diffusion = model.to(device), diffusion.to(device)
     data = images.to(device)  # (N, C, H, W) uint8, resident on the device
-    sampler = sampler or build_timestep_sampler(cfg.timestep_sampler, diffusion.T, seed=derive_seed(cfg.seed, 7),
-                                                **cfg.timestep_sampler_args)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+    sampler = sampler or build_sampler(cfg, diffusion, rank=rank)
+    params = list(model.parameters()) + list(diffusion.parameters())  # + learned mixed-x0 route logits
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
+    momentum = None
+    if cfg.momentum_decay != "none":  # decays over momentum_decay_args.total_steps, default train.steps
+        md_args = {"total_steps": cfg.steps, **cfg.momentum_decay_args}
+        momentum = MomentumDecay(opt, md_args.pop("total_steps"), cfg.momentum_decay, **md_args)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # gradients all-reduced
     history: list[dict] = []
     start, resumed_from = 0, None
 
     state = load_latest_checkpoint(ckpt_dir, fingerprint)
-    if state is None and checkpoint_paths(ckpt_dir):
+    if state is None and checkpoint_paths(ckpt_dir) and rank == 0:
         log.warning("checkpoints in %s come from a different configuration: starting afresh", ckpt_dir)
         for p in checkpoint_paths(ckpt_dir):
             p.unlink()
@@ -113,58 +135,87 @@ def train(
             raise CheckpointError(f"checkpoint in {ckpt_dir} does not fit the configured model: "
                                   f"{str(e).splitlines()[0]}") from None
         opt.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
+        if len(state["sampler"]) != world:
+            raise CheckpointError(f"checkpoint in {ckpt_dir} was written by {len(state['sampler'])} process(es); "
+                                  f"resume it with the same number (now {world})")
+        sampler.load_state_dict(state["sampler"][rank])
+        diffusion.load_state_dict(state["diffusion"])
+        if momentum is not None:
+            momentum.load_state_dict(state["momentum"])
         history, start = state["history"], state["step"]
         resumed_from = start
         log.info("resumed from %s at step %d", ckpt_dir, start)
 
     stats = BinStats(cfg.loss_bins, diffusion.T, device)
+    route_stats = {r: BinStats(cfg.loss_bins, diffusion.T, device) for r in ROUTES} if diffusion.mixing else {}
     window = torch.zeros(2, device=device, dtype=torch.float64)  # (2,): sum of batch losses, count
     cuda_gen = torch.Generator(device) if device.type == "cuda" else None
 
     def checkpoint(step: int) -> None:
-        save_checkpoint({"fingerprint": fingerprint, "model": model.state_dict(), "ema": ema.module.state_dict(),
-                         "optimizer": opt.state_dict(), "sampler": sampler.state_dict(), "history": history,
-                         "config": asdict(cfg)}, ckpt_dir, step, keep=cfg.keep_checkpoints)
+        samplers = all_gather_objects(sampler.state_dict())  # one state per rank: each owns its generator
+        if rank == 0:
+            save_checkpoint({"fingerprint": fingerprint, "model": model.state_dict(), "ema": ema.module.state_dict(),
+                             "optimizer": opt.state_dict(), "sampler": samplers, "history": history,
+                             "diffusion": diffusion.state_dict(),
+                             "momentum": momentum.state_dict() if momentum else None, "config": asdict(cfg),
+                             "world_size": world}, ckpt_dir, step, keep=cfg.keep_checkpoints,
+                            protect=set(cfg.eval_steps))
+        barrier()
 
     model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
+               disable=not progress or rank != 0)
     for step in bar:
-        g = cuda_gen.manual_seed(derive_seed(cfg.seed, step)) if cuda_gen else \
-            torch.Generator().manual_seed(derive_seed(cfg.seed, step))
-        torch.manual_seed(derive_seed(cfg.seed, step, 1))  # dropout and any other global-RNG use
-        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g, device=device)  # (B,)
-        x0 = to_model_range(data[idx])  # (B, C, H, W)
-        eps = torch.randn(x0.shape, generator=g, device=device)  # (B, C, H, W)
-        t, w = sampler.sample(cfg.batch_size, step)  # (B,), (B,)
+        g = cuda_gen.manual_seed(derive_seed(cfg.seed, step, rank)) if cuda_gen else \
+            torch.Generator().manual_seed(derive_seed(cfg.seed, step, rank))
+        torch.manual_seed(derive_seed(cfg.seed, step, rank, 1))  # dropout and any other global-RNG use
+        idx = torch.randint(0, len(data), (local_batch,), generator=g, device=device)  # (b,) this rank's share
+        x0 = to_model_range(data[idx])  # (b, C, H, W)
+        eps = torch.randn(x0.shape, generator=g, device=device)  # (b, C, H, W)
+        t, w = sampler.sample(local_batch, step)  # (b,), (b,)
         t, w = t.to(device), w.to(device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+        if momentum is not None:
+            momentum.step(step, lr=lr_at(step, cfg))  # beta1(k) and lr(k) = warm-up lr x (1-b0)/(1-b1(k))
+        else:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            losses = diffusion.losses(model, x0, t, eps)  # (B,)
-        loss = (losses * w).mean()
+            terms = diffusion.loss_terms(net, x0, t, eps)  # each (b,) or (b, 3)
+        loss = (terms["loss"] * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(model, step=step)
-        sampler.update(t, losses.detach())
-        stats.add(t, losses)
-        window += torch.stack([loss.detach().double(), torch.ones((), device=device, dtype=torch.float64)])
+        t_all, mse_all = all_gather_cat(t), all_gather_cat(terms["mse"].detach())  # (B,): the global batch
+        sampler.update(t_all, mse_all)  # every rank sees the same losses, so learned state stays identical
+        stats.add(t_all, mse_all)
+        if diffusion.mixing is not None:
+            route_err = all_gather_cat(terms["route_err"])  # (B, 3)
+            diffusion.mixing.update(t_all, route_err)
+            for i, r in enumerate(ROUTES):
+                route_stats[r].add(t_all, route_err[:, i])
+        window += torch.stack([all_reduce_mean(loss.detach()).double(),
+                               torch.ones((), device=device, dtype=torch.float64)])
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             total, count = window.tolist()
             window.zero_()
-            row = {"step": done, "loss": total / count, "lr": lr_at(step, cfg), **stats.pop()}
+            row = {"step": done, "loss": total / count, "lr": opt.param_groups[0]["lr"], **stats.pop()}
+            if momentum is not None:
+                row["beta1"] = momentum.beta1(step)
+            for r, st in route_stats.items():
+                row.update(st.pop(f"x0err_{r}"))
             if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"training loss became {row['loss']} at step {done}; lower train.lr")
+                raise StepwiseError(f"training loss became {row['loss']} at step {done}; lower train.lr or "
+                                    "use train.precision=fp32")
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if log_fn:
+            if log_fn and rank == 0:
                 log_fn({k: v for k, v in row.items() if k != "step"}, done)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or done in cfg.eval_steps:
             checkpoint(done)
     return {"model": model, "ema": ema.module, "history": history, "resumed_from": resumed_from,
-            "images_seen": cfg.steps * cfg.batch_size}
+            "sampler": sampler, "images_seen": cfg.steps * cfg.batch_size}
 

@@ -14,3 +14,13 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
     nrow = nrow or max(1, int(math.ceil(math.sqrt(len(images)))))
     with atomic_path(path) as tmp:
         save_image(images.float() / 255, tmp, nrow=nrow, padding=1, format="png")
+
+
+def save_figure(fig, path, dpi: int = 90) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)

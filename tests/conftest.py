@@ -49,3 +49,17 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600, check: bool = True, env: 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def ci_repro(tmp_path_factory):
+    """One `dvc repro` of the whole pipeline on the ci preset in a temp git+DVC copy, shared by the end-to-end tests.
+
+    Returns (repo, env) with env pointing MLflow at the copy's own store. Tests may add files to the copy but must
+    leave its tracked files and DVC outputs as they found them.
+    """
+    root = tmp_path_factory.mktemp("ci_repro")
+    dest = pipeline_copy(root / "repo", ["experiment=ci"])
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    run(["dvc", "repro"], dest, env=env, timeout=1800)
+    return dest, env

@@ -12,8 +12,28 @@ from .unet import UNet
 MODELS = {"unet": UNet, "dit": DiT}
 
 
-def build_model(cfg: dict, image_size: int, channels: int) -> nn.Module:
-    """Instantiate MODELS[cfg['name']] for images of `channels` x `image_size`^2 from the remaining keys of cfg."""
+def _int(lo: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _int_list(lo: int, nonempty: bool):
+    return lambda v: isinstance(v, (list, tuple)) and (len(v) > 0 or not nonempty) and all(_int(lo)(x) for x in v)
+
+
+RULES = {  # key -> (check, what it must be)
+    "base_channels": (_int(1), "an integer >= 1"), "num_res_blocks": (_int(1), "an integer >= 1"),
+    "channel_mult": (_int_list(1, True), "a non-empty list of integers >= 1"),
+    "attn_resolutions": (_int_list(1, False), "a list of integer resolutions"),
+    "head_dim": (_int(1), "an integer >= 1"), "patch_size": (_int(1), "an integer >= 1"),
+    "hidden_size": (_int(1), "an integer >= 1"), "depth": (_int(1), "an integer >= 1"),
+    "num_heads": (_int(1), "an integer >= 1"),
+    "dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "in [0, 1)"),
+    "mlp_ratio": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+}
+
+
+def build_model(cfg: dict, image_size: int, channels: int, out_channels: int | None = None) -> nn.Module:
+    """Instantiate MODELS[cfg['name']] for `channels` x `image_size`^2 images (output `out_channels`, default same)."""
     cfg = dict(cfg)
     name = cfg.pop("name", None)
     if name not in MODELS:
@@ -23,12 +43,16 @@ def build_model(cfg: dict, image_size: int, channels: int) -> nn.Module:
     unknown = set(cfg) - valid
     if unknown:
         raise ConfigError(f"model {name!r} has no parameter(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    for key, value in cfg.items():
+        rule = RULES.get(key)
+        if rule and not rule[0](value):
+            raise ConfigError(f"model.{key}={value!r} must be {rule[1]}")
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     if name == "dit" and image_size % cfg.get("patch_size", 2):
         raise ConfigError(f"model.patch_size={cfg.get('patch_size', 2)} must divide the image size {image_size}")
     if name == "dit" and cfg.get("hidden_size", 192) % cfg.get("num_heads", 3):
         raise ConfigError("model.hidden_size must be divisible by model.num_heads")
-    return cls(image_size=image_size, in_channels=channels, **cfg)
+    return cls(image_size=image_size, in_channels=channels, out_channels=out_channels or channels, **cfg)
 
 
 def count_params(model: nn.Module) -> int:
