@@ -2,7 +2,7 @@
 
 Kim et al. (arXiv 2403.10348, difficulty analysis) gauge denoising-task difficulty by (i) how fast each timestep's loss
 converges and (ii) the relative entropy between consecutive marginals p_{t-1}, p_t; TDC (arXiv 2312.13307) uses
-SNR_dB(t) and the similarity of per-timestep gradients ("task similarity"). docs/_parts/tdc.md states exactly what
+SNR_dB(t) and the similarity of per-timestep gradients ("task similarity"). docs/methods.md states exactly what
 each function computes where the papers are silent.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `tdc.prune` is everything the per-group `prune@i` stage reads (budget, search, proxy, importance gradients, the
 post-pruning fine-tune); `tdc.prune_eval` only the throughput benchmark of `evaluate_pruned`, so changing the
-benchmark never re-runs a search. Defaults are CPU-cheap and ours unless docs/_parts/prune_stages.md says otherwise.
+benchmark never re-runs a search. Defaults are CPU-cheap and ours unless docs/methods.md says otherwise.
 """
 from __future__ import annotations
 

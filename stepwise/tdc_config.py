@@ -2,7 +2,7 @@
 
 Each stage parses only the sub-section it depends on (`tdc.profile`, `tdc.cluster`, `tdc.finetune`,
 `tdc.consistency`, plus `tdc.num_groups` / `tdc.groups_list`), so a change to one never invalidates the others.
-Defaults are the papers' where they state one, else ours (docs/_parts/tdc_stages.md says which).
+Defaults are the papers' where they state one, else ours (docs/methods.md says which).
 """
 from __future__ import annotations
 

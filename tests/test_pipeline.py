@@ -83,26 +83,33 @@ def test_invalid_param_fails_fast_with_one_line(repro):
     assert "Traceback" not in proc.stderr and not (dest / "models/bad").exists()
 
 
-def test_kill_9_then_rerun_resumes(tmp_path):
-    """SIGKILL `dvc repro pretrain` mid-run; rerunning the same command continues from the last checkpoint."""
-    dest = pipeline_copy(tmp_path / "repo", ["experiment=ci", "train.steps=400", "train.ckpt_every=10"])
-    run(["dvc", "repro", "prepare"], dest)
+@pytest.mark.parametrize("stage,upstream,overrides,ckpts,metrics,steps", [
+    ("pretrain", "prepare", ["train.steps=200", "train.ckpt_every=10"], "models/unified/checkpoints",
+     "metrics/pretrain.json", 200),
+    ("finetune@0", "cluster", ["tdc.finetune.steps=200", "train.ckpt_every=10"], "models/experts/0/checkpoints",
+     "metrics/finetune_0.json", 200),
+])
+def test_kill_9_then_rerun_resumes(tmp_path, stage, upstream, overrides, ckpts, metrics, steps):
+    """SIGKILL `dvc repro <stage>` mid-run; rerunning the same command continues from the last checkpoint."""
+    dest = pipeline_copy(tmp_path / "repo", ["experiment=ci", *overrides])
+    run(["dvc", "repro", upstream], dest)
     env = {**os.environ, "PYTHONPATH": str(dest)}
-    proc = subprocess.Popen(["dvc", "repro", "pretrain"], cwd=dest, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], cwd=dest, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    ckpts = dest / "models/unified/checkpoints"
+    ckpts = dest / ckpts
     deadline = time.time() + 300
     while time.time() < deadline and len(list(ckpts.glob("step_*.pt"))) < 2:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = max(int(p.stem.split("_")[1]) for p in ckpts.glob("step_*.pt"))
-    assert 20 <= killed_at < 400
-    run(["dvc", "repro", "pretrain"], dest)
-    metrics = json.loads((dest / "metrics/pretrain.json").read_text())
-    assert metrics["resumed_from_step"] >= killed_at
-    rows = (dest / "plots/pretrain_loss.csv").read_text().splitlines()
-    assert len(rows) == 1 + 400 // 5  # the history is complete across the kill
+    assert 20 <= killed_at < steps
+    run(["dvc", "repro", "--single-item", stage], dest)
+    result = json.loads((dest / metrics).read_text())
+    assert result["resumed_from_step"] >= killed_at and result["images_seen"] == steps * 32
+    if stage == "pretrain":
+        rows = (dest / "plots/pretrain_loss.csv").read_text().splitlines()
+        assert len(rows) == 1 + steps // 5  # the history is complete across the kill
 
 
 def test_unreachable_tracking_server_fails_before_work(repro):
@@ -153,7 +160,8 @@ def test_pretrain_data_parallel_via_config(repro):
     params["train"]["nproc"] = 2
     (dest / "ddp.yaml").write_text(yaml.safe_dump(params))
     run([sys.executable, "-m", "stages.pretrain", "--params", "ddp.yaml", "--out", "models/ddp", "--metrics",
-         "metrics/ddp.json", "--plot", "plots/ddp.csv"], dest, env={**env, "OMP_NUM_THREADS": "1"})
+         "metrics/ddp.json", "--plot", "plots/ddp.csv"], dest,
+        env={**env, "OMP_NUM_THREADS": "1", "STEPWISE_PIPELINE_RUN": "ddp-test"})
     metrics = json.loads((dest / "metrics/ddp.json").read_text())
     assert metrics["images_seen"] == 20 * 32
     ckpt = sorted((dest / "models/ddp/checkpoints").glob("step_*.pt"))[-1]
