@@ -26,6 +26,7 @@ from stepwise.errors import ConfigError
 from stepwise.featnet import load_featnet
 from stepwise.io import write_json, write_text
 from stepwise.models import build_model
+from stepwise.seeding import derive_seed
 from stepwise.sampling import generate, to_uint8
 from stepwise.tdc_config import ConsistencyConfig, num_groups
 from stepwise.training import resolve_device, train
@@ -33,7 +34,7 @@ from stepwise.visualise import save_figure, save_grid
 
 from .common import load_params, run_stage, section, stage_run, write_metrics
 from .evaluate_tdc import denoiser, load_router, load_samples
-from .pretrain import RESUME_NEUTRAL
+from .pretrain import INIT_SEED, RESUME_NEUTRAL
 
 log = logging.getLogger("stepwise.consistency")
 
@@ -51,7 +52,7 @@ def train_extra(name: str, spec: dict, params: dict, diffusion_cfg: dict, data_d
     diffusion = Diffusion.from_config(diffusion_cfg)
     c = images.shape[1]
     model = build_model(model_cfg, image_size=images.shape[-1], channels=c,
-                        out_channels=c * diffusion.out_channels_factor)
+                        out_channels=c * diffusion.out_channels_factor, seed=derive_seed(tcfg.seed, INIT_SEED))
     run_id = fingerprint(model_cfg, diffusion_cfg, {k: v for k, v in asdict(tcfg).items() if k not in RESUME_NEUTRAL},
                          data_sha)
     result = train(model, diffusion, images, tcfg, root / name / "checkpoints",

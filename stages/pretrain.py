@@ -17,10 +17,12 @@ from stepwise.diffusion import Diffusion
 from stepwise.io import write_text
 from stepwise.models import build_model, count_params
 from stepwise.params import validate_params
+from stepwise.seeding import derive_seed
 from stepwise.training import train
 
 from .common import load_params, rank_zero_run, relaunch_under_torchrun, run_stage, write_metrics
 
+INIT_SEED = 11  # stream of derive_seed(train.seed, ...) that initialises the weights
 # Settings that may change between a run and its resumption without making it a different run.
 RESUME_NEUTRAL = ("steps", "ckpt_every", "keep_checkpoints", "log_every", "device")  # nproc is not: per-rank RNG
 
@@ -43,7 +45,8 @@ def main(args) -> None:
     data_sha = json.loads(Path(args.data, "card.json").read_text())["splits"]["train"]["sha256"]
     diffusion = Diffusion.from_config(asdict(dcfg))
     c = images.shape[1]
-    model = build_model(model_cfg, image_size=images.shape[-1], channels=c, out_channels=c * diffusion.out_channels_factor)
+    model = build_model(model_cfg, image_size=images.shape[-1], channels=c, out_channels=c * diffusion.out_channels_factor,
+                        seed=derive_seed(tcfg.seed, INIT_SEED))
     neutral = set(RESUME_NEUTRAL)
     if tcfg.momentum_decay != "none" and "total_steps" not in tcfg.momentum_decay_args:
         neutral.discard("steps")  # the momentum schedule spans train.steps: more steps is another run

@@ -36,3 +36,16 @@ def test_zero_init_output():
 def test_config_errors(cfg, match):
     with pytest.raises(ConfigError, match=match):
         build_model(cfg, 28, 1)
+
+
+def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():
+    cfg = dict(name="unet", base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[])
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    a = build_model(cfg, 16, 1, seed=5)
+    after = torch.rand(1)
+    b, c = build_model(cfg, 16, 1, seed=5), build_model(cfg, 16, 1, seed=6)
+    assert torch.equal(before, after)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 from conftest import pipeline_copy, run
 
@@ -110,6 +111,14 @@ def test_kill_9_then_rerun_resumes(tmp_path, stage, upstream, overrides, ckpts, 
     if stage == "pretrain":
         rows = (dest / "plots/pretrain_loss.csv").read_text().splitlines()
         assert len(rows) == 1 + steps // 5  # the history is complete across the kill
+        # and identical to an uninterrupted run's: same batches, timesteps and losses after the resume
+        clean = pipeline_copy(tmp_path / "clean", ["experiment=ci", *overrides])
+        run(["dvc", "repro", "--single-item", "prepare"], clean)
+        run(["dvc", "repro", "--single-item", stage], clean)
+        assert (clean / "plots/pretrain_loss.csv").read_text().splitlines() == rows
+        resumed = torch.load(dest / "models/unified/model.pt", weights_only=True)["ema_state_dict"]
+        uninterrupted = torch.load(clean / "models/unified/model.pt", weights_only=True)["ema_state_dict"]
+        assert all(torch.allclose(resumed[k], uninterrupted[k], rtol=0, atol=1e-6) for k in resumed)
 
 
 def test_unreachable_tracking_server_fails_before_work(repro):
@@ -165,6 +174,4 @@ def test_pretrain_data_parallel_via_config(repro):
     metrics = json.loads((dest / "metrics/ddp.json").read_text())
     assert metrics["images_seen"] == 20 * 32
     ckpt = sorted((dest / "models/ddp/checkpoints").glob("step_*.pt"))[-1]
-    import torch
-
     assert torch.load(ckpt, weights_only=True)["world_size"] == 2

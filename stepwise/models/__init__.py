@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -32,8 +33,10 @@ RULES = {  # key -> (check, what it must be)
 }
 
 
-def build_model(cfg: dict, image_size: int, channels: int, out_channels: int | None = None) -> nn.Module:
-    """Instantiate MODELS[cfg['name']] for `channels` x `image_size`^2 images (output `out_channels`, default same)."""
+def build_model(cfg: dict, image_size: int, channels: int, out_channels: int | None = None,
+                seed: int | None = None) -> nn.Module:
+    """Instantiate MODELS[cfg['name']] for `channels` x `image_size`^2 images (output `out_channels`, default same);
+    with `seed`, the initial weights depend on it alone (the global RNG is left as it was)."""
     cfg = dict(cfg)
     name = cfg.pop("name", None)
     if name not in MODELS:
@@ -52,7 +55,11 @@ def build_model(cfg: dict, image_size: int, channels: int, out_channels: int | N
         raise ConfigError(f"model.patch_size={cfg.get('patch_size', 2)} must divide the image size {image_size}")
     if name == "dit" and cfg.get("hidden_size", 192) % cfg.get("num_heads", 3):
         raise ConfigError("model.hidden_size must be divisible by model.num_heads")
-    return cls(image_size=image_size, in_channels=channels, out_channels=out_channels or channels, **cfg)
+    if seed is None:
+        return cls(image_size=image_size, in_channels=channels, out_channels=out_channels or channels, **cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(image_size=image_size, in_channels=channels, out_channels=out_channels or channels, **cfg)
 
 
 def count_params(model: nn.Module) -> int:
