@@ -1,6 +1,6 @@
 """Compare timestep strategies run as DVC experiments: FID-vs-iterations and speed-up over the uniform baseline.
 
-    dvc exp run --queue -S experiment=compare -S 'strategy=uniform,clts_md,curriculum,iddpm,speed,min_snr,mixed_x0'
+    dvc exp run evaluate --queue -S experiment=compare -S 'strategy=uniform,clts_md,curriculum,iddpm,speed,min_snr,mixed_x0'
     dvc queue start && dvc queue status        # wait until all are done
     python -m stages.compare                   # reads the runs from MLflow, writes reports/strategy_comparison.*
 

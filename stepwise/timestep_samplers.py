@@ -143,15 +143,23 @@ class CurriculumSampler(TimestepSampler):
     `patience` consecutive updates the sampler moves to the next stage, resetting the best loss, the patience counter
     and the EMA (the old stage's losses come from a different t-distribution). Stage `num_clusters` covers the whole
     range and is final: plain uniform sampling from then on. Unit weights.
+
+    Budget cap (ours, docs/methods.md): with `total_steps` set, a stage also advances after `max_stage_updates` =
+    ceil(pacing_fraction * total_steps / num_clusters) updates, so the whole curriculum ends within `pacing_fraction`
+    of a short training run (the paper's τ = 200 assumes ~10^5 iterations). None (default): patience only.
     """
 
     def __init__(self, T: int, seed: int = 0, t_range=None, num_clusters: int = 10, patience: int = 200,
-                 smoothing: float = 0.99):
+                 smoothing: float = 0.99, total_steps: int | None = None, pacing_fraction: float = 0.5):
         super().__init__(T, seed, t_range)
         self.num_clusters = _integer("curriculum: num_clusters", num_clusters, 1, self.n)
         self.patience = _integer("curriculum: patience", patience, 1)
         _require(0 <= smoothing < 1, f"curriculum: smoothing={smoothing!r} (EMA decay) must be in [0, 1)")
         self.smoothing = float(smoothing)
+        _require(isinstance(pacing_fraction, (int, float)) and not isinstance(pacing_fraction, bool)
+                 and 0 < pacing_fraction <= 1, f"curriculum: pacing_fraction={pacing_fraction!r} must be in (0, 1]")
+        self.max_stage_updates = None if total_steps is None else max(1, math.ceil(
+            pacing_fraction * _integer("curriculum: total_steps", total_steps, 1) / self.num_clusters))
         self.edges = cluster_edges(self.lo, self.hi, self.num_clusters)
         self.stage, self.ema, self.best, self.bad_updates = 1, None, math.inf, 0
         self.updates, self.transitions = 0, []  # update count and the update index at which each stage began
@@ -179,11 +187,13 @@ class CurriculumSampler(TimestepSampler):
             return
         mean = float(losses.detach().float().mean())
         self.ema = mean if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * mean
-        if self.ema < self.best:
+        stage_updates = self.updates - (self.transitions[-1] if self.transitions else 0)
+        over_budget = self.max_stage_updates is not None and stage_updates >= self.max_stage_updates
+        if self.ema < self.best and not over_budget:
             self.best, self.bad_updates = self.ema, 0
             return
         self.bad_updates += 1
-        if self.bad_updates >= self.patience:
+        if self.bad_updates >= self.patience or over_budget:
             self.stage += 1
             self.ema, self.best, self.bad_updates = None, math.inf, 0
             self.transitions.append(self.updates)

@@ -110,6 +110,8 @@ def test_state_round_trip_gives_identical_draws(name):
     ("curriculum", {"num_clusters": 2.5}, "num_clusters=2.5"),
     ("curriculum", {"patience": 0}, "patience=0"),
     ("curriculum", {"smoothing": 1.0}, "smoothing=1.0"),
+    ("curriculum", {"pacing_fraction": 0.0}, "pacing_fraction=0.0 must be in (0, 1]"),
+    ("curriculum", {"total_steps": 0}, "total_steps=0"),
     ("iddpm", {"uniform_prob": 2}, "uniform_prob=2"),
     ("iddpm", {"history_per_term": 0}, "history_per_term=0"),
     ("speed", {"abar": ABAR, "lam": 5}, "lam=5 must be in [0.5, 1]"),
@@ -181,6 +183,22 @@ def test_curriculum_improving_loss_keeps_stage_and_support_grows():
         s.update(torch.zeros(2, dtype=torch.long), torch.ones(2))
     assert starts == sorted(starts, reverse=True) and s.support == (0, 100)
     assert_close(s.probs(0), torch.full((T,), 0.01, dtype=torch.float64))  # final: plain uniform
+
+
+def test_curriculum_budget_cap_finishes_within_pacing_fraction():
+    # ceil(0.5 * 40 / 4) = 5 updates per stage at most, even while the loss keeps improving (patience never fires)
+    s = CurriculumSampler(T, num_clusters=4, patience=1000, total_steps=40, pacing_fraction=0.5)
+    assert s.max_stage_updates == 5
+    for i in range(40):
+        s.update(torch.zeros(2, dtype=torch.long), torch.full((2,), 10.0 - 0.1 * i))
+    assert s.transitions == [5, 10, 15] and s.stage == 4
+
+
+def test_curriculum_without_total_steps_has_no_cap():
+    s = CurriculumSampler(T, num_clusters=4, patience=1000)
+    for i in range(40):
+        s.update(torch.zeros(2, dtype=torch.long), torch.full((2,), 10.0 - 0.1 * i))
+    assert s.max_stage_updates is None and s.stage == 1
 
 
 def test_curriculum_clusters_follow_t_range():
