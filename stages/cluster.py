@@ -24,7 +24,7 @@ from stepwise.tdc_config import SIMILARITY_SIGNAL, ClusterConfig, num_groups
 
 from stepwise.visualise import save_figure
 
-from .common import load_params, run_stage, section, stage_run
+from .common import ARTIFACTS, add_paths, load_params, run_stage, section, stage_run
 
 log = logging.getLogger("stepwise.cluster")
 
@@ -131,9 +131,7 @@ def main(args) -> None:
 
 
 def configure(parser) -> None:
-    parser.add_argument("--profile", default="outputs/profile")
-    parser.add_argument("--out", default="outputs/groups.json")
-    parser.add_argument("--plot", default="outputs/groups.png")
+    add_paths(parser, "profile", out=ARTIFACTS["groups"], plot="outputs/groups.png")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """What every stage shares: reading params.yaml, the MLflow parent/child runs, tags, and clean error exits.
 
-MLflow layout: one parent run per pipeline run (found again by its `stepwise.pipeline` tag while it is RUNNING, so
-every stage of one `dvc repro` or one `dvc exp run` lands under it), one nested run per stage. The last stage of
-dvc.yaml marks the parent FINISHED. The tracking URI is `$MLFLOW_TRACKING_URI`, else SQLite at
+MLflow layout: one parent run per pipeline run, one nested run per stage. The parent is found again by its
+`stepwise.pipeline` tag (the DVC experiment name, else "workspace") until the last stage of dvc.yaml marks it
+complete, so every stage of one `dvc repro` or `dvc exp run` (also a partial one, e.g. `dvc exp run evaluate`) lands
+under it. The parent is RUNNING while one of its stages runs, FINISHED between stages and at the end, FAILED after a
+failed stage (a rerun joins it again). The tracking URI is `$MLFLOW_TRACKING_URI`, else SQLite at
 `<repo root>/mlflow.db` with artifacts in `<repo root>/mlartifacts`; the repo root is `$DVC_ROOT` when DVC runs the
 stage (also inside `dvc exp run --temp`), else this checkout.
 """
@@ -25,6 +27,7 @@ log = logging.getLogger("stepwise")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "stepwise"
 PIPELINE_TAG = "stepwise.pipeline"
+COMPLETE_TAG = "stepwise.complete"  # "1" once the last stage of dvc.yaml has run
 
 
 def repo_root() -> Path:
@@ -137,14 +140,17 @@ def _connect():
 
 
 def _parent_run(mlflow, exp_id: str, params: dict) -> str:
-    """The RUNNING parent run of this pipeline run, created on first use."""
+    """The parent run of this pipeline run (incomplete, same key), set RUNNING; created on first use."""
     key = os.environ.get("STEPWISE_PIPELINE_RUN") or os.environ.get("DVC_EXP_NAME") or "workspace"
     client = mlflow.MlflowClient()
-    found = client.search_runs([exp_id], f"tags.`{PIPELINE_TAG}` = '{key}' and attributes.status = 'RUNNING'",
+    found = client.search_runs([exp_id], f"tags.`{PIPELINE_TAG}` = '{key}' and tags.`{COMPLETE_TAG}` = '0'",
                                max_results=1, order_by=["attributes.start_time DESC"])
     if found:
+        if found[0].info.status != "RUNNING":
+            client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    tags = {PIPELINE_TAG: key, "git_sha": git_sha(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+    tags = {PIPELINE_TAG: key, COMPLETE_TAG: "0", "git_sha": git_sha(),
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "prefect_flow_run_id": os.environ.get("STEPWISE_PREFECT_FLOW_RUN", "")}
     run = client.create_run(exp_id, run_name=f"pipeline:{key}", tags=tags)
     for k, v in flatten(params).items():
@@ -166,9 +172,15 @@ def stage_run(stage: str, params: dict, stage_params: dict):
             yield tracker
         except BaseException:
             mlflow.end_run("FAILED")
+            mlflow.MlflowClient().set_terminated(parent, "FAILED")
             raise
+    client = mlflow.MlflowClient()
     if os.environ.get("DVC_STAGE", stage).split("@")[0] == final_stage():
-        mlflow.MlflowClient().set_terminated(parent, "FINISHED")
+        client.set_tag(parent, COMPLETE_TAG, "1")
+    running = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'",
+                                 max_results=1)
+    if not running:  # stages fanned out in parallel: the last one to finish marks the parent
+        client.set_terminated(parent, "FINISHED")
 
 
 def run_stage(name: str, body: Callable[[argparse.Namespace], None], configure: Callable | None = None) -> None:
@@ -191,6 +203,41 @@ def write_metrics(metrics: dict, path) -> None:
     from stepwise.io import write_json
 
     write_json({k.replace("/", "."): v for k, v in metrics.items()}, path)
+
+
+def report_metrics(run, metrics: dict, path, logger: logging.Logger, exclude: tuple[str, ...] = ()) -> None:
+    """Write the stage's DVC metrics file, log them (less `exclude`) to its MLflow run, and print them rounded."""
+    write_metrics(metrics, path)
+    run.log_metrics({k: v for k, v in metrics.items() if k not in exclude})
+    logger.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+
+
+# Default path of every pipeline artifact a stage reads or writes (dvc.yaml passes the same paths explicitly; the
+# defaults serve `python -m stages.<name>` by hand).
+ARTIFACTS = {
+    "data": "data/prepared",
+    "featnet": "models/featnet.pt",
+    "unified": "models/unified/model.pt",
+    "checkpoints": "models/unified/checkpoints",
+    "continued": "models/continued/model.pt",
+    "experts": "models/experts",
+    "pruned": "models/pruned",
+    "history": "plots/pretrain_loss.csv",
+    "profile": "outputs/profile",
+    "groups": "outputs/groups.json",
+    "unified_metrics": "metrics/evaluate.json",
+    "tdc_metrics": "metrics/evaluate_tdc.json",
+}
+
+
+def add_paths(parser: argparse.ArgumentParser, *names: str, **defaults: str | None) -> None:
+    """One --kebab-case option per path: `names` default to ARTIFACTS, keywords give the default (None: required)."""
+    for name, default in [*((n, ARTIFACTS[n]) for n in names), *defaults.items()]:
+        flag = "--" + name.replace("_", "-")
+        if default is None:
+            parser.add_argument(flag, required=True)
+        else:
+            parser.add_argument(flag, default=default, help="default: %(default)s")
 
 
 

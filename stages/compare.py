@@ -4,6 +4,8 @@
     dvc queue start && dvc queue status        # wait until all are done
     python -m stages.compare                   # reads the runs from MLflow, writes reports/strategy_comparison.*
 
+Writes a markdown table, the curves and results as JSON, and a PNG of the FID-vs-iterations curves.
+
 Each experiment's `evaluate` run logs `curve_fid_featnet` at every kept checkpoint (eval.curve_samples > 0).
 Not a DVC stage: it reads across experiments.
 """
@@ -15,6 +17,7 @@ import sys
 
 from stepwise.io import write_json, write_text
 from stepwise.speedup import speedups
+from stepwise.visualise import save_figure
 
 from .common import EXPERIMENT, tracking_uri
 
@@ -42,6 +45,23 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_curves(curves: dict[str, list[tuple[int, float]]], baseline_fid: float, path) -> None:
+    """FID-vs-iterations of every strategy (log y) with the baseline's final FID as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in sorted(curves.items()):
+        steps, fids = zip(*points)
+        ax.plot(steps, fids, marker="o", ms=3, label=name)
+    ax.axhline(baseline_fid, ls="--", lw=0.8, c="gray", label="baseline final FID")
+    ax.set(yscale="log", xlabel="training iteration", ylabel="FID (featnet)", title="FID vs iterations")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +81,7 @@ def main(argv=None) -> int:
     result = speedups(curves, args.baseline)
     write_json({"curves": curves, "result": result}, f"{args.out}.json")
     write_text(table(result), f"{args.out}.md")
+    plot_curves(curves, result[args.baseline]["final_fid"], f"{args.out}.png")
     print(table(result))
     return 0
 

@@ -6,7 +6,7 @@ any extra models (tdc.consistency.extra_models: e.g. the unified model trained f
 are trained here from scratch with the `train` section and sampled the same way. Reported per pair: pixel MSE, SSIM
 and FeatNet feature distance (stepwise.consistency). Split pairs (a, b) follow a for t >= s and b below, for each
 split step s = round(f T): consistency with a's own samples against s (s = 0 is a itself: MSE 0, SSIM 1).
-This is the pipeline's last stage; it closes the MLflow parent run.
+This is the pipeline's last stage; it marks the MLflow parent run complete.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from stepwise.tdc_config import ConsistencyConfig, num_groups
 from stepwise.training import resolve_device, train
 from stepwise.visualise import save_figure, save_grid
 
-from .common import load_params, run_stage, section, stage_run, write_metrics
+from .common import add_paths, load_params, report_metrics, run_stage, section, stage_run
 from .evaluate_tdc import denoiser, load_router, load_samples
 from .pretrain import INIT_SEED, RESUME_NEUTRAL
 
@@ -148,25 +148,14 @@ def main(args) -> None:
                 f"{r['pair']},{r['split_t']}," + ",".join(repr(float(r[k])) for k in keys) + "\n" for r in rows),
                 out / "split.csv")
             plot_split(rows, out / "split.png")
-        write_metrics(metrics, args.metrics)
-        run.log_metrics(metrics)
+        report_metrics(run, metrics, args.metrics, log)
         run.log_artifact(out)
-        log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
 
 
 def configure(parser) -> None:
-    parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--groups", default="outputs/groups.json")
-    parser.add_argument("--experts", default="models/experts")
-    parser.add_argument("--unified", default="models/unified/model.pt")
-    parser.add_argument("--continued", default="models/continued/model.pt")
-    parser.add_argument("--featnet", default="models/featnet.pt")
-    parser.add_argument("--unified-samples", default="samples/unified")
-    parser.add_argument("--tdc-samples", default="samples/tdc")
-    parser.add_argument("--continued-samples", default="samples/continued")
-    parser.add_argument("--extras", default="models/consistency")
-    parser.add_argument("--out", default="outputs/consistency")
-    parser.add_argument("--metrics", default="metrics/consistency.json")
+    add_paths(parser, "data", "groups", "experts", "unified", "continued", "featnet", unified_samples="samples/unified",
+              tdc_samples="samples/tdc", continued_samples="samples/continued", extras="models/consistency",
+              out="outputs/consistency", metrics="metrics/consistency.json")
 
 
 if __name__ == "__main__":

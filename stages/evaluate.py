@@ -19,7 +19,7 @@ from stepwise.sampling import generate, to_uint8
 from stepwise.training import resolve_device
 from stepwise.visualise import save_grid
 
-from .common import load_params, run_stage, stage_run, write_metrics
+from .common import ARTIFACTS, add_paths, load_params, report_metrics, run_stage, stage_run
 
 log = logging.getLogger("stepwise.evaluate")
 
@@ -60,10 +60,8 @@ def main(args) -> None:
             f"{r['step']},{r['fid_featnet']},{r.get('kid_featnet', '')}\n" for r in curve), args.curve)
         for r in curve:
             run.log_metrics({"curve_fid_featnet": r["fid_featnet"]}, step=r["step"])
-        write_metrics(metrics, args.metrics)
-        run.log_metrics(metrics)
+        report_metrics(run, metrics, args.metrics, log)
         run.log_artifact(out / "grid.png")
-        log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
 
 
 def fid_curve(model, diffusion, shape, test_images, ckpt_dir, scfg, ecfg, featnet, device) -> list[dict]:
@@ -84,13 +82,8 @@ def fid_curve(model, diffusion, shape, test_images, ckpt_dir, scfg, ecfg, featne
 
 
 def configure(parser) -> None:
-    parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--model", default="models/unified/model.pt")
-    parser.add_argument("--featnet", default="models/featnet.pt")
-    parser.add_argument("--out", default="samples/unified")
-    parser.add_argument("--metrics", default="metrics/evaluate.json")
-    parser.add_argument("--checkpoints", default="models/unified/checkpoints")
-    parser.add_argument("--curve", default="plots/fid_curve.csv")
+    add_paths(parser, "data", "featnet", "checkpoints", model=ARTIFACTS["unified"], out="samples/unified",
+              metrics=ARTIFACTS["unified_metrics"], curve="plots/fid_curve.csv")
 
 
 if __name__ == "__main__":

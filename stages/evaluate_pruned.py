@@ -33,7 +33,7 @@ from stepwise.sampling import generate, timestep_subsequence, to_uint8
 from stepwise.tdc_config import num_groups
 from stepwise.training import resolve_device
 
-from .common import load_params, run_stage, section, stage_run, write_metrics
+from .common import add_paths, load_params, report_metrics, run_stage, section, stage_run
 from .evaluate_tdc import load_router, load_samples, sample_and_save
 from .prune import load_pruned
 
@@ -193,28 +193,16 @@ def main(args) -> None:
                         "goal/macs_saving_target": GOAL_MACS_SAVING,
                         "goal/met": float(saving >= GOAL_MACS_SAVING and fid_delta <= 0)})
         write_text(trajectory_csv(ts, per_step), args.trajectory)
-        write_metrics(metrics, args.metrics)
-        run.log_metrics(metrics)
+        report_metrics(run, metrics, args.metrics, log)
         run.log_artifact(args.trajectory)
         log.info("goal: MACs saving vs unified %.3f (target >= %.2f), %s delta %+.4g -> %s", saving,
                  GOAL_MACS_SAVING, GOAL_METRIC, fid_delta, "met" if metrics["goal/met"] else "not met")
-        log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
 
 
 def configure(parser) -> None:
-    parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--groups", default="outputs/groups.json")
-    parser.add_argument("--experts", default="models/experts")
-    parser.add_argument("--pruned", default="models/pruned")
-    parser.add_argument("--unified", default="models/unified/model.pt")
-    parser.add_argument("--featnet", default="models/featnet.pt")
-    parser.add_argument("--unified-samples", default="samples/unified/samples.pt")
-    parser.add_argument("--tdc-samples", default="samples/tdc/samples.pt")
-    parser.add_argument("--unified-metrics", default="metrics/evaluate.json")
-    parser.add_argument("--tdc-metrics", default="metrics/evaluate_tdc.json")
-    parser.add_argument("--out", default="samples/pruned")
-    parser.add_argument("--trajectory", default="plots/prune_macs_trajectory.csv")
-    parser.add_argument("--metrics", default="metrics/evaluate_pruned.json")
+    add_paths(parser, "data", "groups", "experts", "pruned", "unified", "featnet", "unified_metrics", "tdc_metrics",
+              unified_samples="samples/unified/samples.pt", tdc_samples="samples/tdc/samples.pt", out="samples/pruned",
+              trajectory="plots/prune_macs_trajectory.csv", metrics="metrics/evaluate_pruned.json")
 
 
 if __name__ == "__main__":

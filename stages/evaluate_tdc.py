@@ -29,7 +29,7 @@ from stepwise.tdc_config import num_groups
 from stepwise.training import resolve_device
 from stepwise.visualise import save_grid
 
-from .common import load_params, run_stage, section, stage_run, write_metrics
+from .common import ARTIFACTS, add_paths, load_params, report_metrics, run_stage, section, stage_run
 
 
 log = logging.getLogger("stepwise.evaluate_tdc")
@@ -149,22 +149,12 @@ def main(args) -> None:
         if tdc_images != continued_meta["images_seen"]:
             log.warning("compute not matched: experts saw %d images, the continued unified model %d",
                         tdc_images, continued_meta["images_seen"])
-        write_metrics(metrics, args.metrics)
-        run.log_metrics(metrics)
-        log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+        report_metrics(run, metrics, args.metrics, log)
 
 
 def configure(parser) -> None:
-    parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--groups", default="outputs/groups.json")
-    parser.add_argument("--experts", default="models/experts")
-    parser.add_argument("--unified", default="models/unified/model.pt")
-    parser.add_argument("--continued", default="models/continued/model.pt")
-    parser.add_argument("--featnet", default="models/featnet.pt")
-    parser.add_argument("--unified-metrics", default="metrics/evaluate.json")
-    parser.add_argument("--out-tdc", default="samples/tdc")
-    parser.add_argument("--out-continued", default="samples/continued")
-    parser.add_argument("--metrics", default="metrics/evaluate_tdc.json")
+    add_paths(parser, "data", "groups", "experts", "unified", "continued", "featnet", "unified_metrics",
+              out_tdc="samples/tdc", out_continued="samples/continued", metrics=ARTIFACTS["tdc_metrics"])
 
 
 if __name__ == "__main__":

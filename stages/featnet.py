@@ -1,6 +1,7 @@
 """DVC stage `featnet`: train the dataset's own feature network for offline FID (metric names `*_featnet`)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 
 from stepwise.data import load_split
@@ -8,7 +9,9 @@ from stepwise.featnet import save_featnet, train_featnet
 from stepwise.params import validate_params
 from stepwise.training import resolve_device
 
-from .common import load_params, run_stage, stage_run, write_metrics
+from .common import ARTIFACTS, add_paths, load_params, report_metrics, run_stage, stage_run
+
+log = logging.getLogger("stepwise.featnet")
 
 
 def main(args) -> None:
@@ -20,15 +23,12 @@ def main(args) -> None:
         net, acc = train_featnet(images, labels, test_images, test_labels, len(classes), cfg,
                                  device=resolve_device("auto"))
         save_featnet(net.cpu(), args.out, {"test_accuracy": acc, "classes": classes})
-        write_metrics({"featnet_test_accuracy": acc}, args.metrics)
-        run.log_metrics({"featnet_test_accuracy": acc})
+        report_metrics(run, {"featnet_test_accuracy": acc}, args.metrics, log)
         run.log_artifact(args.out)
 
 
 def configure(parser) -> None:
-    parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--out", default="models/featnet.pt")
-    parser.add_argument("--metrics", default="metrics/featnet.json")
+    add_paths(parser, "data", out=ARTIFACTS["featnet"], metrics="metrics/featnet.json")
 
 
 if __name__ == "__main__":

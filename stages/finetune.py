@@ -30,7 +30,7 @@ from stepwise.seeding import derive_seed
 from stepwise.tdc_config import FinetuneConfig, num_groups
 from stepwise.training import build_sampler, resolve_device, train
 
-from .common import load_params, run_stage, section, stage_run, write_metrics
+from .common import add_paths, load_params, report_metrics, run_stage, section, stage_run
 from .pretrain import RESUME_NEUTRAL
 
 log = logging.getLogger("stepwise.finetune")
@@ -155,8 +155,7 @@ def main(args) -> None:
                    "images_seen": images_seen, "macs_per_forward": macs, "train_flops": flops,
                    "final_loss": sum(r["loss"] for r in last) / len(last), "train_seconds_this_run": seconds,
                    "resumed_from_step": result["resumed_from"] or 0, **seen}
-        write_metrics(metrics, args.metrics)
-        run.log_metrics({k: v for k, v in metrics.items() if k not in ("group", "lo", "hi")})
+        report_metrics(run, metrics, args.metrics, log, exclude=("group", "lo", "hi"))
         run.log_artifact(out / "model.pt")
         log.info("%s: t in [%d, %d) (seen [%d, %d]), %d images, %.3g training FLOPs", stage, lo, hi, seen["t_min"],
                  seen["t_max"], images_seen, flops)
@@ -167,11 +166,8 @@ def configure(parser) -> None:
     mode.add_argument("--group", type=int, help="fine-tune the expert of this group index")
     mode.add_argument("--continue-unified", action="store_true",
                       help="train the unified model on all t for num_groups x steps (compute-matched baseline)")
-    parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--unified", default="models/unified/model.pt")
-    parser.add_argument("--groups", default="outputs/groups.json")
+    add_paths(parser, "data", "unified", "groups", metrics=None)
     parser.add_argument("--out", required=True, help="e.g. models/experts/0 or models/continued")
-    parser.add_argument("--metrics", required=True)
 
 
 if __name__ == "__main__":

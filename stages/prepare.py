@@ -9,7 +9,7 @@ from stepwise.visualise import save_grid
 
 from stepwise.params import validate_params
 
-from .common import load_params, run_stage, stage_run
+from .common import ARTIFACTS, add_paths, load_params, run_stage, stage_run
 
 
 def main(args) -> None:
@@ -31,7 +31,7 @@ def main(args) -> None:
 
 
 def configure(parser) -> None:
-    parser.add_argument("--out", default="data/prepared", help="output folder")
+    add_paths(parser, out=ARTIFACTS["data"])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ continues from the newest checkpoint of the same configuration.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +21,10 @@ from stepwise.params import validate_params
 from stepwise.seeding import derive_seed
 from stepwise.training import train
 
-from .common import load_params, rank_zero_run, relaunch_under_torchrun, run_stage, write_metrics
+from .common import (ARTIFACTS, add_paths, load_params, rank_zero_run, relaunch_under_torchrun, report_metrics,
+                     run_stage)
+
+log = logging.getLogger("stepwise.pretrain")
 
 INIT_SEED = 11  # stream of derive_seed(train.seed, ...) that initialises the weights
 # Settings that may change between a run and its resumption without making it a different run.
@@ -73,17 +77,13 @@ def main(args) -> None:
         metrics = {"final_loss": sum(r["loss"] for r in last) / len(last), "num_params": count_params(model),
                    "images_seen": result["images_seen"], "train_seconds_this_run": seconds,
                    "resumed_from_step": result["resumed_from"] or 0}
-        write_metrics(metrics, args.metrics)
-        run.log_metrics({k: v for k, v in metrics.items() if k != "num_params"})
+        report_metrics(run, metrics, args.metrics, log, exclude=("num_params",))
         run.log_artifact(out / "model.pt")
         run.log_artifact(args.plot)
 
 
 def configure(parser) -> None:
-    parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--out", default="models/unified")
-    parser.add_argument("--metrics", default="metrics/pretrain.json")
-    parser.add_argument("--plot", default="plots/pretrain_loss.csv")
+    add_paths(parser, "data", out="models/unified", metrics="metrics/pretrain.json", plot=ARTIFACTS["history"])
 
 
 if __name__ == "__main__":

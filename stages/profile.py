@@ -32,7 +32,7 @@ from stepwise.training import resolve_device
 
 from stepwise.visualise import save_figure
 
-from .common import load_params, run_stage, section, stage_run
+from .common import ARTIFACTS, add_paths, load_params, run_stage, section, stage_run
 
 log = logging.getLogger("stepwise.profile")
 
@@ -165,10 +165,7 @@ def main(args) -> None:
 
 
 def configure(parser) -> None:
-    parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--model", default="models/unified/model.pt")
-    parser.add_argument("--history", default="plots/pretrain_loss.csv")
-    parser.add_argument("--out", default="outputs/profile")
+    add_paths(parser, "data", "history", model=ARTIFACTS["unified"], out=ARTIFACTS["profile"])
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from stepwise.seeding import derive_seed
 from stepwise.tdc_config import num_groups
 from stepwise.training import build_sampler, train
 
-from .common import load_params, run_stage, section, stage_run, write_metrics
+from .common import add_paths, load_params, report_metrics, run_stage, section, stage_run
 from .finetune import RangeRecorder, run_seed
 from .pretrain import RESUME_NEUTRAL
 
@@ -355,8 +355,7 @@ def main(args) -> None:
             metrics["final_loss"] = tuned["final_loss"]
         if best is not None:
             metrics["best_score"] = best["score"]
-        write_metrics(metrics, args.metrics)
-        run.log_metrics({k: v for k, v in metrics.items() if k not in ("group", "lo", "hi")})
+        report_metrics(run, metrics, args.metrics, log, exclude=("group", "lo", "hi"))
         for path in (bank_path, args.curve, args.curve_png, out / "model.pt"):
             run.log_artifact(path)
         log.info("%s: %.4g MACs (%.3f F, budget %.3f F), %d params (%.3f), best round %s of %d", stage, macs,
@@ -366,15 +365,11 @@ def main(args) -> None:
 
 def configure(parser) -> None:
     parser.add_argument("--group", type=int, required=True, help="prune the expert of this group index")
-    parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--unified", default="models/unified/model.pt")
-    parser.add_argument("--experts", default="models/experts")
-    parser.add_argument("--groups", default="outputs/groups.json")
+    add_paths(parser, "data", "unified", "experts", "groups", metrics=None)
     parser.add_argument("--out", required=True, help="e.g. models/pruned/0 (model.pt, bank.json, search.json, "
                                                      "checkpoints/)")
     parser.add_argument("--curve", required=True, help="search curve CSV, e.g. plots/prune_search/0.csv")
     parser.add_argument("--curve-png", required=True, help="search curve plot, e.g. plots/prune_search/0.png")
-    parser.add_argument("--metrics", required=True)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,15 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600, check: bool = True, env: 
     return proc
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded; oversubscribed threads on a shared 2-core box are 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ci_repro(tmp_path_factory):
     """One `dvc repro` of the whole pipeline on the ci preset in a temp git+DVC copy, shared by the end-to-end tests.

@@ -159,7 +159,12 @@ def test_failed_stage_marks_its_mlflow_run_failed(tmp_path):
     (run_,) = client.search_runs([exp.experiment_id], "tags.stage = 'pretrain'")
     assert run_.info.status == "FAILED" and run_.data.metrics["loss"] == 1.0
     (parent,) = client.search_runs([exp.experiment_id], "tags.`stepwise.pipeline` = 'workspace'")
-    assert parent.info.status == "RUNNING"  # a rerun of the failed stage joins the same parent run
+    assert parent.info.status == "FAILED"
+    with stage_run("pretrain", {"train": {"lr": 1}}, {"train": {"lr": 1}}):  # the rerun joins the same parent run
+        assert client.get_run(parent.info.run_id).info.status == "RUNNING"
+    (again,) = client.search_runs([exp.experiment_id], "tags.`stepwise.pipeline` = 'workspace'")
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    assert again.data.tags["stepwise.complete"] == "0"  # pretrain is not the last stage: the pipeline run goes on
 
 
 def test_pretrain_data_parallel_via_config(repro):
