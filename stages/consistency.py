@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from stepwise.checkpoint import fingerprint, load_model_file, save_model
+from stepwise.checkpoint import load_model_file, save_model
 from stepwise.config import SampleConfig, TrainConfig, parse
 from stepwise.consistency import consistency_report, featnet_feature_fn, switch_model
 from stepwise.data import load_split, to_model_range
@@ -34,7 +34,7 @@ from stepwise.visualise import save_figure, save_grid
 
 from .common import add_paths, load_params, report_metrics, run_stage, section, stage_run
 from .evaluate_tdc import denoiser, load_router, load_samples
-from .pretrain import INIT_SEED, RESUME_NEUTRAL
+from .pretrain import INIT_SEED, run_fingerprint
 
 log = logging.getLogger("stepwise.consistency")
 
@@ -53,8 +53,7 @@ def train_extra(name: str, spec: dict, params: dict, diffusion_cfg: dict, data_d
     c = images.shape[1]
     model = build_model(model_cfg, image_size=images.shape[-1], channels=c,
                         out_channels=c * diffusion.out_channels_factor, seed=derive_seed(tcfg.seed, INIT_SEED))
-    run_id = fingerprint(model_cfg, diffusion_cfg, {k: v for k, v in asdict(tcfg).items() if k not in RESUME_NEUTRAL},
-                         data_sha)
+    run_id = run_fingerprint(model_cfg, diffusion_cfg, tcfg, data_sha)
     result = train(model, diffusion, images, tcfg, root / name / "checkpoints",
                    fingerprint=run_id, log_fn=lambda m, step: log_fn({f"{name}/{k}": v for k, v in m.items()}, step))
     save_model(root / name / "model.pt", model_cfg=model_cfg, diffusion_cfg=diffusion_cfg,

@@ -31,6 +31,16 @@ INIT_SEED = 11  # stream of derive_seed(train.seed, ...) that initialises the we
 RESUME_NEUTRAL = ("steps", "ckpt_every", "keep_checkpoints", "log_every", "device")  # nproc is not: per-rank RNG
 
 
+def run_fingerprint(model_cfg: dict, diffusion_cfg: dict, tcfg, data_sha: str, neutral=RESUME_NEUTRAL) -> str:
+    """Identity of a from-scratch training run: checkpoints resume only into the run with the same fingerprint.
+
+    Includes the seeded weight initialisation (INIT_SEED stream of train.seed), so checkpoints written before weights
+    were seeded, or from another init stream, are not resumed."""
+    init = {"init": "seeded", "init_seed": derive_seed(tcfg.seed, INIT_SEED)}
+    return fingerprint(init, model_cfg, diffusion_cfg, {k: v for k, v in asdict(tcfg).items() if k not in neutral},
+                       data_sha)
+
+
 def history_csv(history: list[dict]) -> str:
     """Logged rows as CSV (step, loss, lr, loss_bin/k, loss_var_bin/k ...) for `dvc plots`."""
     keys = sorted({k for row in history for k in row}, key=lambda k: (k != "step", k))
@@ -54,8 +64,7 @@ def main(args) -> None:
     neutral = set(RESUME_NEUTRAL)
     if tcfg.momentum_decay != "none" and "total_steps" not in tcfg.momentum_decay_args:
         neutral.discard("steps")  # the momentum schedule spans train.steps: more steps is another run
-    run_id = fingerprint(model_cfg, asdict(dcfg), {k: v for k, v in asdict(tcfg).items() if k not in neutral},
-                         data_sha)
+    run_id = run_fingerprint(model_cfg, asdict(dcfg), tcfg, data_sha, neutral)
     out = Path(args.out)
     stage_params = {"model": model_cfg, "diffusion": asdict(dcfg), "train": asdict(tcfg)}
     with rank_zero_run("pretrain", params, stage_params, rank) as run:

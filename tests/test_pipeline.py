@@ -180,3 +180,18 @@ def test_pretrain_data_parallel_via_config(repro):
     assert metrics["images_seen"] == 20 * 32
     ckpt = sorted((dest / "models/ddp/checkpoints").glob("step_*.pt"))[-1]
     assert torch.load(ckpt, weights_only=True)["world_size"] == 2
+
+
+def test_checkpoints_from_before_seeded_init_are_not_resumed():
+    """run_fingerprint covers the weight-init stream: a checkpoint fingerprinted the pre-seeding way never matches."""
+    from dataclasses import asdict, replace
+
+    from stages.pretrain import RESUME_NEUTRAL, run_fingerprint
+    from stepwise.checkpoint import fingerprint
+    from stepwise.config import TrainConfig
+
+    model, diffusion, tcfg = {"name": "unet"}, {"T": 1000}, TrainConfig()
+    old = fingerprint(model, diffusion, {k: v for k, v in asdict(tcfg).items() if k not in RESUME_NEUTRAL}, "sha")
+    new = run_fingerprint(model, diffusion, tcfg, "sha")
+    assert new != old and new == run_fingerprint(model, diffusion, tcfg, "sha")
+    assert run_fingerprint(model, diffusion, replace(tcfg, seed=1), "sha") != new
