@@ -42,6 +42,9 @@ def table(result: dict) -> str:
         reach = "never" if r["iters_to_baseline_fid"] is None else f"{r['iters_to_baseline_fid']:.0f}"
         speed = "-" if r["speedup"] is None else ("inf" if math.isinf(r["speedup"]) else f"{r['speedup']:.2f}x")
         lines.append(f"| {name} | {r['final_fid']:.4f} | {reach} | {speed} |")
+    base = next(iter(result.values()))
+    lines.append(f"\nTarget: the baseline's final FID {base['baseline_final_fid']:.4f}, which the baseline first reached "
+                 f"at iteration {base['baseline_iters_to_final_fid']:.0f}; speed-up = that / the strategy's iterations.")
     return "\n".join(lines) + "\n"
 
 

@@ -26,3 +26,13 @@ def test_speedups_against_baseline():
     assert not math.isnan(r["fast"]["final_fid"])
     with pytest.raises(ValueError, match="baseline"):
         speedups({"fast": curves["fast"]})
+
+
+def test_non_monotone_baseline_is_exactly_one_and_uses_its_first_crossing():
+    curves = {"uniform": [(100, 50.0), (200, 30.0), (300, 32.0), (400, 31.0)],  # dips below 31 at 200 (30)
+              "other": [(100, 31.0), (200, 25.0), (400, 20.0)]}
+    r = speedups(curves)
+    # the baseline first reaches its final 31.0 at 100 + 100 * 19/20 = 195
+    assert r["uniform"]["baseline_iters_to_final_fid"] == pytest.approx(195.0)
+    assert r["uniform"]["speedup"] == pytest.approx(1.0)
+    assert r["other"]["iters_to_baseline_fid"] == 100.0 and r["other"]["speedup"] == pytest.approx(1.95)
