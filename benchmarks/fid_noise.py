@@ -14,8 +14,6 @@ import statistics
 import sys
 import time
 
-import torch
-
 from stepwise.checkpoint import load_denoiser
 from stepwise.data import load_split
 from stepwise.errors import StepwiseError
@@ -60,7 +58,6 @@ def main(argv=None) -> int:
         return 2
     device = resolve_device("auto")
     t0 = time.time()
-    torch.set_grad_enabled(False)
     fids = fid_over_seeds(model.to(device), diffusion.to(device), shape, test_images, args.featnet,
                           samples=args.samples, seeds=args.seeds, sampler=args.sampler, steps=args.steps,
                           device=device)
