@@ -11,9 +11,9 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .progress import progress as progress_bar
 from .seeding import derive_seed
 
 SAMPLERS = {"ddpm": 1.0, "ddim": 0.0}  # name -> default eta
@@ -47,7 +47,7 @@ def sample_batch(model, diffusion, start: int, count: int, shape: tuple, *, step
     x = fixed_noise(seed, -1, start, count, shape, device)  # (count, C, H, W)
     autocast = torch.autocast(device.type if isinstance(device, torch.device) else str(device).split(":")[0],
                               dtype=amp_dtype) if amp_dtype else nullcontext()
-    for k, t in enumerate(tqdm(ts.tolist(), desc="sampling", leave=False, disable=not progress)):
+    for k, t in enumerate(ts.tolist()):
         tb = torch.full((count,), t, device=device, dtype=torch.long)  # (count,)
         with autocast:
             x0, eps = diffusion.predict_x0_eps(model, x, tb)  # 2 x (count, C, H, W)
@@ -73,7 +73,7 @@ def generate(model, diffusion, num: int, shape: tuple, *, sampler: str = "ddim",
     was_training = model.training if hasattr(model, "training") else False
     if hasattr(model, "eval"):
         model.eval()
-    for start in tqdm(range(0, num, batch_size), desc=f"{sampler} x{steps}", disable=not progress):
+    for start in progress_bar(range(0, num, batch_size), desc=f"{sampler} x{steps}", disable=not progress):
         count = min(batch_size, num - start)
         out.append(sample_batch(model, diffusion, start, count, shape, steps=steps, eta=eta, seed=seed,
                                 device=device, amp_dtype=amp_dtype))

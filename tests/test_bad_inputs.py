@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from stages.compose import compose
 from stepwise.errors import ConfigError
-from stepwise.params import validate_params
+from stepwise.config import validate as validate_params
 
 BASE = yaml.safe_load(compose(["experiment=ci"]))
 SECTIONS = ("data", "model", "diffusion", "train", "sample", "eval")

@@ -3,7 +3,10 @@ import pytest
 import yaml
 
 from stages.compose import CONF_DIR, compose
-from stepwise.config import DiffusionConfig, EvalConfig, SampleConfig, TrainConfig, parse
+from dataclasses import asdict
+
+from stepwise.config import (DATA_CONFIGS, MODEL_CONFIGS, ComparisonConfig, DiffusionConfig, EvalConfig, SampleConfig,
+                             TdcConfig, TrainConfig, load_config, parse, validate)
 from stepwise.errors import ConfigError
 from stepwise.models import build_model
 
@@ -23,13 +26,57 @@ def every_option():
 
 @pytest.mark.parametrize("override", list(every_option()))
 def test_every_option_composes_to_valid_config(override):
-    params = yaml.safe_load(compose([override]))
-    assert {"data", "model", "diffusion", "train", "sample", "eval"} <= set(params)
-    parse(DiffusionConfig, params["diffusion"], "diffusion")
-    parse(TrainConfig, params["train"], "train")
-    parse(SampleConfig, params["sample"], "sample")
-    parse(EvalConfig, params["eval"], "eval")
-    build_model(params["model"], params["data"]["image_size"], params["data"]["channels"])
+    cfg = validate(yaml.safe_load(compose([override])))
+    build_model(cfg.model, cfg.data.image_size, cfg.data.channels)
+
+
+def test_typed_defaults_equal_conf():
+    """conf/ is the one source of defaults: every section dataclass's defaults equal the default composition."""
+    params = yaml.safe_load(compose([]))
+    for name, cls in (("diffusion", DiffusionConfig), ("train", TrainConfig), ("sample", SampleConfig),
+                      ("eval", EvalConfig), ("tdc", TdcConfig), ("comparison", ComparisonConfig)):
+        assert asdict(cls()) == params[name], name
+
+
+@pytest.mark.parametrize("group,table", [("data", DATA_CONFIGS), ("model", MODEL_CONFIGS)])
+def test_typed_option_defaults_equal_conf(group, table):
+    """Each dataset's / architecture's typed defaults equal its conf/<group>/<name>.yaml."""
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        option = yaml.safe_load(path.read_text())
+        assert asdict(table[option["name"]]()) == option, path.name
+
+
+def test_whole_params_validated_in_one_pass(tmp_path):
+    """Rules of every section, unknown top-level sections and cross-section rules all fail at load."""
+    base = yaml.safe_load(compose([]))
+    cases = [({"trian": {}}, "unknown top-level section\\(s\\) \\['trian'\\]"),
+             ({"tdc": {**base["tdc"], "num_groups": 3}}, "groups_list=\\[0, 1, 2, 3\\] must be \\[0, 1, 2\\]"),
+             ({"sample": {**base["sample"], "steps": 2000}}, "sample.steps=2000 must be <= diffusion.T=1000"),
+             ({"tdc": {**base["tdc"], "finetune": {**base["tdc"]["finetune"], "train": {"lr": -1}}}},
+              "tdc.finetune.train: lr=-1.0 must be > 0"),
+             ({"tdc": {**base["tdc"], "prune": {**base["tdc"]["prune"], "train": {"timestep_sampler": "x"}}}},
+              "tdc.prune.train: timestep_sampler='x' is not valid"),
+             ({"train": {**base["train"], "lr": "abc"}}, "train.lr='abc' must be a number"),
+             ({"model": {**base["model"], "widht": 3}}, "model: unknown key\\(s\\) \\['widht'\\]")]
+    for change, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            validate({**base, **change})
+
+
+def test_yaml_number_without_point_explained():
+    base = yaml.safe_load(compose([]))
+    with pytest.raises(ConfigError, match="YAML reads 1e-4 as a string"):
+        validate({**base, "train": {**base["train"], "lr": "1e-4"}})
+
+
+@pytest.mark.parametrize("text,match", [("train:\n\tlr: 1\n", "not valid YAML at line 2"),
+                                        ("train: [1, 2\n", "not valid YAML"), ("- 1\n", "expected a mapping")])
+def test_params_file_syntax_errors_are_one_line(tmp_path, text, match):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
 
 
 def test_gpu_preset_scales_up():

@@ -1,16 +1,23 @@
-"""Denoiser architectures, by name: `build_model({"name": "unet", ...})`."""
+"""Denoiser architectures, by name: `build_model({"name": "unet", ...})`. DiT (and so timm) is imported only when used."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .dit import DiT
 from .unet import UNet
 
-MODELS = {"unet": UNet, "dit": DiT}
+
+def _dit():
+    from .dit import DiT  # needs timm
+
+    return DiT
+
+
+MODELS = {"unet": lambda: UNet, "dit": _dit}  # name -> the architecture's class (imported on first use)
 
 
 def _int(lo: int):
@@ -37,11 +44,11 @@ def build_model(cfg: dict, image_size: int, channels: int, out_channels: int | N
                 seed: int | None = None) -> nn.Module:
     """Instantiate MODELS[cfg['name']] for `channels` x `image_size`^2 images (output `out_channels`, default same);
     with `seed`, the initial weights depend on it alone (the global RNG is left as it was)."""
-    cfg = dict(cfg)
+    cfg = dict(cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg))
     name = cfg.pop("name", None)
     if name not in MODELS:
         raise ConfigError(f"model.name={name!r} is not a model; valid: {sorted(MODELS)}")
-    cls = MODELS[name]
+    cls = MODELS[name]()
     valid = set(inspect.signature(cls).parameters) - {"image_size", "in_channels", "out_channels"}
     unknown = set(cfg) - valid
     if unknown:
