@@ -9,7 +9,11 @@ import gzip
 import hashlib
 import inspect
 import math
+import pickle
 import struct
+import tarfile
+import urllib.error
+import zlib
 from pathlib import Path
 
 import torch
@@ -28,12 +32,17 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 def read_idx(path: Path) -> torch.Tensor:
     """Read an IDX file (LeCun's MNIST format), gzipped or not, as a uint8 tensor; DataError if malformed."""
     try:
-        raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot be read ({e}); re-download or reinstall the dataset") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, not gzip, truncated or corrupt deflate stream
+        raise DataError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is truncated or corrupt, "
+                        "re-download or reinstall the dataset") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] == 0:
         raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number); re-download the dataset")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: {len(raw)} bytes, shorter than its {4 + 4 * ndim}-byte IDX header; the file is "
+                        "truncated or corrupt, re-download the dataset")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     if len(raw) != 4 + 4 * ndim + math.prod(dims):
         raise DataError(f"{path}: holds {len(raw) - 4 - 4 * ndim} bytes of data, header says {math.prod(dims)}; "
@@ -83,12 +92,31 @@ def load_cifar10(root: str = "data/raw", download: bool = False) -> dict:
     for split in ("train", "test"):
         try:
             ds = CIFAR10(root, train=split == "train", download=download)
-        except RuntimeError as e:
+        except urllib.error.URLError as e:  # offline, DNS failure, HTTP error (an OSError, so caught first)
+            raise DataError(f"CIFAR-10 download into {root} failed ({getattr(e, 'reason', e)}); without network, "
+                            "download cifar-10-python.tar.gz on another machine, extract it so that "
+                            f"{Path(root) / 'cifar-10-batches-py'} exists, and set data.download=false") from None
+        except RuntimeError as e:  # torchvision: not found, or a failed integrity (md5) check
             raise DataError(f"CIFAR-10 not found under {root} ({e}); set data.download=true (needs network) "
                             f"or point data.root at an extracted cifar-10-batches-py folder's parent") from None
+        except (OSError, EOFError, tarfile.TarError, pickle.UnpicklingError) as e:
+            raise DataError(f"CIFAR-10 under {root} cannot be read ({type(e).__name__}: {e}); the download or "
+                            f"extraction is incomplete or corrupt: delete {Path(root) / 'cifar-10-batches-py'} and "
+                            "cifar-10-python.tar.gz there and download again (data.download=true)") from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
         splits[split] = (images, torch.tensor(ds.targets, dtype=torch.long))
     return {"splits": splits, "classes": list(ds.classes), "source": str(root)}
+
+
+def _imagefolder_image(ds, i: int) -> torch.Tensor:
+    """Image i of a torchvision ImageFolder, transformed; DataError naming the file if PIL cannot decode it."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return ds[i][0]
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # not an image, truncated, broken PNG chunk
+        raise DataError(f"{ds.samples[i][0]}: not a readable image ({type(e).__name__}); the file is corrupt or not "
+                        "an image despite its extension: delete or replace it, or move it out of data.root") from None
 
 
 def load_imagefolder(root: str, image_size: int, channels: int, test_fraction: float = 0.1, seed: int = 0) -> dict:
@@ -106,7 +134,7 @@ def load_imagefolder(root: str, image_size: int, channels: int, test_fraction: f
         raise DataError(f"data.root={root!r}: {e}") from None
     if len(ds) < 2:
         raise DataError(f"data.root={root!r} holds {len(ds)} image(s); need at least 2 (a train and a test image)")
-    images = torch.stack([ds[i][0] for i in range(len(ds))])  # (N, C, S, S)
+    images = torch.stack([_imagefolder_image(ds, i) for i in range(len(ds))])  # (N, C, S, S)
     labels = torch.tensor(ds.targets, dtype=torch.long)
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
     n_test = max(1, int(round(test_fraction * len(ds))))

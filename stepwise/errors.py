@@ -15,3 +15,11 @@ class DataError(StepwiseError):
 
 class CheckpointError(StepwiseError):
     """A checkpoint that is truncated, corrupt or incompatible with the configured model."""
+
+
+class DiskFullError(StepwiseError):
+    """A write that failed for lack of disk space or quota; the previous file, if any, is left as it was."""
+
+
+class OutputLockedError(StepwiseError):
+    """An output folder that another live process (named by its PID) is writing."""

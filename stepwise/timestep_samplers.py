@@ -464,6 +464,11 @@ def build_timestep_sampler(name: str, T: int, seed: int = 0, t_range=None, defau
     when neither `abar` nor `schedule` is given."""
     if name not in TIMESTEP_SAMPLERS:
         raise ConfigError(f"unknown timestep sampler {name!r}; valid: {sorted(TIMESTEP_SAMPLERS)}")
+    valid = sorted(set(inspect.signature(TIMESTEP_SAMPLERS[name]).parameters) - {"self", "T", "seed", "t_range"})
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ConfigError(f"timestep sampler {name!r} has no argument(s) {unknown} (timestep_sampler_args); "
+                          f"valid: {valid if valid else 'none, it takes no arguments'}")
     if default_abar is not None and "abar" in inspect.signature(TIMESTEP_SAMPLERS[name]).parameters \
             and "schedule" not in kwargs and "abar" not in kwargs:
         kwargs["abar"] = default_abar
