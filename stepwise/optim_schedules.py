@@ -15,6 +15,11 @@ Composition with a warm-up/decay schedule: `step(k, lr=warmup_lr(k))` sets lr = 
 `lr` the group's lr at construction is the base. Adam's bias correction uses the current beta1 (negligible once
 beta1^k ~ 0). Build the schedule before `optimizer.load_state_dict`, or restore its own `state_dict`, since
 beta0 and the base lrs are read from the optimizer at construction.
+
+Control (`decay_beta=False`): beta1 stays beta0 while the lr follows exactly the compensated trajectory
+lr (1 - beta0)/(1 - beta1(k)) of the decayed run, which with EMA-form momentum is an lr *annealing* from lr to
+lr (1 - beta0) (0.1 lr for beta0 = 0.9, Demon form). `conf/strategy/lr_decay.yaml` uses it to separate the effect
+of the lr annealing from the effect of lowering the momentum.
 """
 from __future__ import annotations
 
@@ -49,12 +54,19 @@ class MomentumDecay:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, form: str = "demon",
-                 beta0: float | None = None, decay: float | None = None, floor: float = 0.4, compensate: bool = True):
+                 beta0: float | None = None, decay: float | None = None, floor: float = 0.4, compensate: bool = True,
+                 decay_beta: bool = True):
         if form not in MOMENTUM_FORMS:
             raise ConfigError(f"unknown momentum decay form {form!r}; valid: {list(MOMENTUM_FORMS)}")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ConfigError(f"momentum decay: total_steps={total_steps!r} must be an integer >= 1")
         self.optimizer, self.total_steps, self.form, self.compensate = optimizer, total_steps, form, bool(compensate)
+        if not isinstance(decay_beta, bool):
+            raise ConfigError(f"momentum decay: decay_beta={decay_beta!r} must be true or false")
+        if not decay_beta and not compensate:
+            raise ConfigError("momentum decay: decay_beta=false with compensate=false changes nothing; use "
+                              "momentum_decay: none")
+        self.decay_beta = decay_beta
         self.keys = [self._momentum_key(g) for g in optimizer.param_groups]
         self.beta0s = [float(beta0) if beta0 is not None else self._read(g, k)
                        for g, k in zip(optimizer.param_groups, self.keys)]
@@ -89,16 +101,21 @@ class MomentumDecay:
     def _read(group: dict, key: str) -> float:
         return float(group["betas"][0] if key == "betas" else group["momentum"])
 
-    def beta1(self, step: int, group: int = 0) -> float:
-        """The momentum coefficient of param group `group` at step k."""
+    def scheduled_beta1(self, step: int, group: int = 0) -> float:
+        """beta1(k) of the decay schedule (what the compensation factor is computed from)."""
         b0 = self.beta0s[group]
         if self.form == "demon":
             return demon_beta1(step, self.total_steps, b0)
         return exp_floor_beta1(step, b0, self.decays[group], self.floor)
 
+    def beta1(self, step: int, group: int = 0) -> float:
+        """The momentum coefficient param group `group` uses at step k (beta0 in the lr-only control)."""
+        return self.scheduled_beta1(step, group) if self.decay_beta else self.beta0s[group]
+
     def factor(self, step: int, group: int = 0) -> float:
         """LR multiplier at step k: (1 - beta0)/(1 - beta1(k)) with compensation, else 1."""
-        return compensated_lr_factor(self.beta0s[group], self.beta1(step, group)) if self.compensate else 1.0
+        b1 = self.scheduled_beta1(step, group)
+        return compensated_lr_factor(self.beta0s[group], b1) if self.compensate else 1.0
 
     def step(self, step: int, lr: float | list[float] | None = None) -> None:
         """Write beta1(k) and lr = base * factor(k) into every param group; `lr` overrides the base (e.g. warm-up)."""
@@ -123,6 +140,7 @@ class MomentumDecay:
 
     def state_dict(self) -> dict:
         return {"total_steps": self.total_steps, "form": self.form, "compensate": self.compensate,
+                "decay_beta": self.decay_beta,
                 "beta0s": list(self.beta0s), "base_lrs": list(self.base_lrs), "tied": list(self.tied),
                 "floor": self.floor, "decays": list(self.decays), "last_step": self.last_step}
 
@@ -132,5 +150,6 @@ class MomentumDecay:
                               f"{len(self.optimizer.param_groups)}")
         for key in ("total_steps", "form", "compensate", "floor", "last_step"):
             setattr(self, key, state[key])
+        self.decay_beta = state.get("decay_beta", True)
         self.beta0s, self.base_lrs = list(state["beta0s"]), list(state["base_lrs"])
         self.tied, self.decays = list(state["tied"]), list(state["decays"])

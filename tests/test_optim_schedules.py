@@ -99,3 +99,21 @@ def test_config_errors(make, kwargs, needle):
     with pytest.raises(ConfigError) as e:
         MomentumDecay(make(), **kwargs)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lr_only_control_has_the_decayed_runs_lr_with_constant_beta():
+    """decay_beta=False: beta1 stays beta0, lr follows the compensated trajectory of the decayed run exactly."""
+    def opt():
+        return torch.optim.AdamW([torch.zeros(2, requires_grad=True)], lr=1e-3, betas=(0.9, 0.999))
+
+    decayed, control = opt(), opt()
+    md, lr_only = MomentumDecay(decayed, 100), MomentumDecay(control, 100, decay_beta=False)
+    for k in (0, 25, 50, 99, 100):
+        md.step(k, lr=1e-3)
+        lr_only.step(k, lr=1e-3)
+        assert control.param_groups[0]["betas"][0] == 0.9
+        assert control.param_groups[0]["lr"] == decayed.param_groups[0]["lr"]
+    # at k = S the Demon beta1 is 0: lr = 1e-3 (1 - 0.9) / (1 - 0) = 1e-4 (hand-computed)
+    assert control.param_groups[0]["lr"] == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="changes nothing"):
+        MomentumDecay(opt(), 10, decay_beta=False, compensate=False)
