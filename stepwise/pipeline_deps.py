@@ -11,7 +11,8 @@ those files statically with `ast` (no code is run, so neither torch nor anything
 - importing a module runs its packages' `__init__.py`, so those are in the closure too (`stepwise/__init__.py`,
   `stages/__init__.py`, ...);
 - only files under the code roots (`stepwise/`, `stages/`, `flows/`) count: third-party imports are DVC's
-  params/environment business, not file deps.
+  params/environment business, not file deps; an import of a module under a code root that has no file is an error
+  (the stage would not run, and its deps cannot be known).
 
 Decision: the dep list of a stage (`code_deps`) names files only, never a directory, even when every .py file of a
 directory is imported (e.g. `stepwise/pruning`): DVC hashes everything below a directory dep, `__pycache__/*.pyc`
@@ -84,11 +85,12 @@ def _literal_all(path: Path) -> list[str]:
     return []
 
 
-def _imported_names(path: Path, module: str, is_package: bool, repo_root: Path, roots) -> set[str]:
-    """Every module name that `path` (module `module`) may import, anywhere in the file; non-modules included
-    (`from a import f` yields 'a.f'), the caller keeps those that resolve to repo files."""
+def _imported_names(path: Path, module: str, is_package: bool, repo_root: Path, roots) -> tuple[set[str], set[str]]:
+    """The module names that `path` (module `module`) imports anywhere in the file: (those that must be modules,
+    those that are modules only if such a file exists: `from a import f` requires 'a' and may import 'a.f')."""
     package = module if is_package else module.rpartition(".")[0]
     names: set[str] = set()
+    maybe: set[str] = set()
     for node in ast.walk(_parse(path)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
@@ -106,14 +108,14 @@ def _imported_names(path: Path, module: str, is_package: bool, repo_root: Path, 
                 if alias.name == "*":
                     init, pkg = _module_path(base, repo_root, roots)
                     if pkg and init is not None and init.is_file():
-                        names.update(f"{base}.{n}" for n in _literal_all(init))
+                        maybe.update(f"{base}.{n}" for n in _literal_all(init))
                 else:
-                    names.add(f"{base}.{alias.name}")
+                    maybe.add(f"{base}.{alias.name}")
         elif isinstance(node, ast.Call) and _called_name(node.func) in _IMPORT_CALLS and node.args \
                 and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str) \
                 and not node.args[0].value.startswith("."):
             names.add(node.args[0].value)
-    return names
+    return names, maybe
 
 
 def _called_name(func: ast.expr) -> str:
@@ -129,7 +131,8 @@ def import_closure(module_name: str, repo_root: str | os.PathLike, roots=CODE_RO
     """The sorted repo-relative paths of the .py files that running `python -m module_name` executes (the module,
     its packages' `__init__.py`, a package's `__main__.py`, and all they import, transitively) under `roots`.
 
-    ConfigError if `module_name` is not a module under `roots` of `repo_root`."""
+    ConfigError if `module_name` is not a module under `roots` of `repo_root`, or if a file of the closure imports
+    a module under `roots` that does not exist (the stage would fail with ModuleNotFoundError)."""
     repo_root = Path(repo_root).resolve()
     path, is_package = _module_path(module_name, repo_root, roots)
     if path is None or is_package and not repo_root.joinpath(*module_name.split("."), "__main__.py").is_file():
@@ -147,8 +150,13 @@ def import_closure(module_name: str, repo_root: str | os.PathLike, roots=CODE_RO
         if path is None or not path.is_file():  # not in the repo, not a module, or a namespace package
             continue
         files.add(path)
-        for imported in _imported_names(path, name, is_package, repo_root, roots):
-            todo.extend(p for p in _prefixes(imported) if p not in seen)
+        required, maybe = _imported_names(path, name, is_package, repo_root, roots)
+        for imported in sorted(required):
+            for prefix in _prefixes(imported):
+                if prefix.split(".")[0] in roots and _module_path(prefix, repo_root, roots)[0] is None:
+                    raise ConfigError(f"{path.relative_to(repo_root).as_posix()} imports {imported}, but there is "
+                                      f"no module {prefix} in {repo_root}")
+        todo.extend(p for imported in required | maybe for p in _prefixes(imported) if p not in seen)
     return sorted(p.relative_to(repo_root).as_posix() for p in files)
 
 

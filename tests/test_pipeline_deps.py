@@ -92,6 +92,16 @@ def test_closure_of_a_module_outside_the_repo_fails(tmp_path):
             import_closure(name, tmp_path)
 
 
+def test_an_import_of_a_missing_repo_module_is_reported(tmp_path):
+    path = fake_repo(tmp_path, "stages:\n  run:\n    cmd: python -m stages.run\n")
+    (tmp_path / "stepwise/sub/leaf.py").write_text("def f():\n    from stepwise.moved.away import g\n")
+    message = "stepwise/sub/leaf.py imports stepwise.moved.away, but there is no module stepwise.moved in"
+    with pytest.raises(ConfigError, match=message):
+        import_closure("stages.run", tmp_path)
+    assert [p.split(" in /")[0] for p in check(path)] == [f"stage run: {message[:-3]}"]
+    assert main(["--dvc-yaml", str(path), "--write"]) == 2
+
+
 @pytest.mark.parametrize("cmd, module", [
     ("python -m stages.pretrain --data data/prepared --out models/unified", "stages.pretrain"),
     ("python3 -u -X importtime -m stages.finetune --group ${item}", "stages.finetune"),
