@@ -1,6 +1,6 @@
 """Momentum decay with learning-rate compensation, MDLRC (Xu et al., arXiv 2404.07946, Sec. 4.3).
 
-The paper's exact schedule is not public (shared/methods-notes.md §1); two third-party readings are implemented:
+The paper's exact schedule is not public (docs/methods.md, momentum decay); two third-party readings are implemented:
   "demon"     (default): tau = min(k/S, 1), beta1 = beta0 (1 - tau) / ((1 - beta0) + beta0 (1 - tau))
               (the Demon decay rule, Chen et al., arXiv 1910.04952), reaching 0 at k = S;
   "exp_floor": beta1 = max(beta0 decay^k, floor); decay=None means decay = (floor/beta0)^(1/S), so the floor is

@@ -1,6 +1,6 @@
 """Timestep samplers: which t each training example is noised to, and its importance weight.
 
-Interface (shared/methods-notes.md, checklist 2): `sample(batch, step) -> (t, weights)` and `update(t, losses)`.
+Interface (docs/checklist.md, item 2): `sample(batch, step) -> (t, weights)` and `update(t, losses)`.
 A sampler owns its random generator, so its whole state (generator included) round-trips through
 `state_dict()` / `load_state_dict()` and a resumed run draws exactly the timesteps an uninterrupted run would.
 

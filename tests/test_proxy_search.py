@@ -1,4 +1,4 @@
-"""TDC proxy-based multi-round pruning: memory bank, resume, determinism, budget (methods-notes checklist 15)."""
+"""TDC proxy-based multi-round pruning: memory bank, resume, determinism, budget (docs/checklist.md item 15)."""
 import functools
 import json
 import random

@@ -25,7 +25,7 @@ def test_cosine_matches_closed_form():
 
 
 def test_meaningful_steps_match_speed_repo():
-    # shared/methods-notes.md checklist 1: 642 (linear), 959 (cosine)
+    # docs/checklist.md item 1: 642 (linear), 959 (cosine)
     assert meaningful_steps(NoiseSchedule("linear", 1000).abar) == 642
     assert meaningful_steps(NoiseSchedule("cosine", 1000).abar) == 959
 
