@@ -19,14 +19,21 @@ low noise and ~ -x0 at high noise; acc ~ -x0 - 3 s eps at low noise, 0.5 x0 - 1.
 (The eps route x0 = (x_t - s eps)/a, c_out = -s/a, is the second derivative in a; it is not used: it blows up at
 high noise.)
 
-Mixing x0_mix = sum_r w_r(t) x0_r with w(t) on the simplex, per t-bin (`bins` equal-width bins of [0, T)):
+Mixing x0_mix = sum_r w_r(t) x0_r with w(t) on the simplex, per t-bin (`bins` equal-width bins of [0, T),
+stepwise.schedules.t_bin):
   "learned":    w = softmax(logits[bin]), a learnable (bins, 3) table trained by the mixture's x0 MSE;
   "loss_based": w ∝ 1/EMA(x0 MSE of route r in the bin) (inverse-variance weighting), updated from training.
 
-Loss (`mixed_x0_losses`), per example: mean over routes of each head's MSE on its own target (each head trains as its
-own prediction type, which is what gives the routes different error profiles) + the x0 MSE of the mixture computed
-from detached route estimates (so it trains only the learned logits). Per-route x0 MSEs (B, 3) come back for logging
-and for `LossBasedMixing.update`, which under data parallelism must be given all-gathered values.
+Loss (`mixed_x0_losses`), per example: mean over routes of each head's MSE on its own target, times that head's loss
+weight in its own space (each head trains as its own prediction type, which is what gives the routes different error
+profiles; weights from stepwise.loss_weights in the spaces HEAD_SPACES = x0, v, acc) + the x0 MSE of the mixture
+computed from detached route estimates (so it trains only the learned logits), times the x0-space weight. Per-route
+x0 MSEs come back as diagnostics `x0err_<route>` for logging and for `LossBasedMixing.update`, which under data
+parallelism must be given all-gathered values.
+
+`MixedX0Prediction` is a stepwise.parameterisations.Prediction: it owns the mixing (a submodule, so learned logits
+are found by `Diffusion.parameters()` and loss-based EMAs saved in `Diffusion.state_dict()`), its loss and its
+post-step `update`; it receives t, so the mixing never has to recover t from a.
 """
 from __future__ import annotations
 
@@ -34,9 +41,12 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .loss_weights import LossWeight
 from .parameterisations import Prediction, eps_from_x0, v_from_x0_eps, x0_from_v
+from .schedules import t_bin
 
 ROUTES = ("x0", "v", "acc")
+HEAD_SPACES = ("x0", "v", "acc")  # loss space of each head (stepwise.loss_weights), ROUTES order
 
 
 def acc_from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -75,23 +85,16 @@ def route_errors(x0_routes: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return (x0_routes - x0.unsqueeze(1)).pow(2).flatten(2).mean(2)
 
 
-def t_bin(t: torch.Tensor, T: int, bins: int) -> torch.Tensor:
-    """Equal-width bin index of each t (B,) among `bins` bins of [0, T): (B,)."""
-    return (t.long() * bins // T).clamp(0, bins - 1)
-
-
 class RouteMixing(nn.Module):
-    """Per-t-bin mixing weights over ROUTES; knows the schedule so it can recover t from a = sqrt(abar_t)."""
+    """Per-t-bin mixing weights over ROUTES for a T-step schedule."""
 
     learned = False
 
-    def __init__(self, abar: torch.Tensor, bins: int = 10):
+    def __init__(self, T: int, bins: int = 10):
         super().__init__()
-        abar = torch.as_tensor(abar, dtype=torch.float64)
-        if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= len(abar):
-            raise ConfigError(f"mixed_x0: bins={bins!r} must be an integer in [1, T={len(abar)}]")
-        self.T, self.bins = len(abar), bins
-        self.register_buffer("sqrt_abar", abar.sqrt(), persistent=False)  # (T,)
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= T:
+            raise ConfigError(f"mixed_x0: bins={bins!r} must be an integer in [1, T={T}]")
+        self.T, self.bins = T, bins
 
     def table(self) -> torch.Tensor:
         """Mixing weights of every bin, rows on the simplex: (bins, 3)."""
@@ -99,12 +102,8 @@ class RouteMixing(nn.Module):
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:
         """Mixing weights for timesteps t (B,): (B, 3)."""
-        return self.table()[t_bin(t.to(self.sqrt_abar.device), self.T, self.bins)]
-
-    def t_from_a(self, a: torch.Tensor) -> torch.Tensor:
-        """The t whose sqrt(abar_t) is nearest to a (B, ...), first element per example: (B,)."""
-        a = a.reshape(len(a), -1)[:, 0].to(self.sqrt_abar)  # (B,)
-        return (self.sqrt_abar[None, :] - a[:, None]).abs().argmin(1)  # (B,)
+        table = self.table()  # (bins, 3)
+        return table[t_bin(t.to(table.device), self.T, self.bins)]  # (B, 3)
 
     def update(self, t: torch.Tensor, route_err: torch.Tensor) -> None:
         """Observe per-route x0 errors (B, 3) at t (B,); only loss-based mixing uses them."""
@@ -115,8 +114,8 @@ class LearnedMixing(RouteMixing):
 
     learned = True
 
-    def __init__(self, abar: torch.Tensor, bins: int = 10):
-        super().__init__(abar, bins)
+    def __init__(self, T: int, bins: int = 10):
+        super().__init__(T, bins)
         self.logits = nn.Parameter(torch.zeros(bins, len(ROUTES)))  # (bins, 3)
 
     def table(self) -> torch.Tensor:
@@ -126,8 +125,8 @@ class LearnedMixing(RouteMixing):
 class LossBasedMixing(RouteMixing):
     """w_r(t) ∝ 1/EMA_r(bin(t)), the inverse of each route's smoothed x0 MSE in the t-bin; uniform in unseen bins."""
 
-    def __init__(self, abar: torch.Tensor, bins: int = 10, decay: float = 0.99, eps: float = 1e-12):
-        super().__init__(abar, bins)
+    def __init__(self, T: int, bins: int = 10, decay: float = 0.99, eps: float = 1e-12):
+        super().__init__(T, bins)
         if not 0 <= decay < 1:
             raise ConfigError(f"mixed_x0: decay={decay!r} (EMA decay of route errors) must be in [0, 1)")
         if not eps > 0:
@@ -158,46 +157,73 @@ class LossBasedMixing(RouteMixing):
 MIXINGS = {"learned": LearnedMixing, "loss_based": LossBasedMixing}
 
 
-def build_mixing(name: str, abar: torch.Tensor, **kwargs) -> RouteMixing:
-    """Instantiate a route mixing from MIXINGS by name for a schedule's abar (T,)."""
+def build_mixing(name: str, T: int, **kwargs) -> RouteMixing:
+    """Instantiate a route mixing from MIXINGS by name for a T-step schedule."""
     if name not in MIXINGS:
         raise ConfigError(f"unknown mixed_x0 mixing {name!r}; valid: {sorted(MIXINGS)}")
     try:
-        return MIXINGS[name](abar, **kwargs)
+        return MIXINGS[name](T, **kwargs)
     except TypeError as e:
         raise ConfigError(f"mixed_x0 mixing {name!r}: {e}") from None
 
 
 def mixed_x0_losses(out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor,
-                    t: torch.Tensor, mixing: RouteMixing) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss (B,), per-route x0 MSE (B, 3)): mean head MSE + x0 MSE of the detached-route mixture."""
+                    t: torch.Tensor, mixing: RouteMixing, head_weights: torch.Tensor | None = None,
+                    mix_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """(loss (B,), diagnostics): mean over heads of w_head x head MSE + w_x0 x x0 MSE of the detached-route mixture.
+
+    head_weights (B, 3): each head's loss weight in its own space (HEAD_SPACES); mix_weight (B,): the x0-space weight;
+    both 1 when None. Diagnostics: 'mse' (B,), the unweighted MSE over all 3C output channels, and 'x0err_<route>'
+    (B,), each route's detached x0 MSE.
+    """
     out = out.to(torch.promote_types(out.dtype, torch.float32))  # half-precision outputs: compute the loss in fp32
     x_t = a * x0 + s * eps  # (B, C, ...)
-    heads, targets = split_heads(out), split_heads(route_targets(x0, eps, a, s))  # (B, 3, C, ...)
-    head_mse = (heads - targets).pow(2).flatten(2).mean(2)  # (B, 3)
+    sq = (out - route_targets(x0, eps, a, s)).pow(2)  # (B, 3C, ...)
+    head_mse = split_heads(sq).flatten(2).mean(2)  # (B, 3)
+    if head_weights is not None:
+        head_mse = head_mse * head_weights.to(head_mse)  # (B, 3)
     x0_routes = route_x0(out, x_t, a, s)  # (B, 3, C, ...)
     x0_mix = mix_x0(x0_routes.detach(), mixing.weights(t).to(out.device))  # (B, C, ...)
     mix_mse = (x0_mix - x0).pow(2).flatten(1).mean(1)  # (B,)
-    return head_mse.mean(1) + mix_mse, route_errors(x0_routes, x0).detach()
+    if mix_weight is not None:
+        mix_mse = mix_mse * mix_weight.to(mix_mse)  # (B,)
+    route_err = route_errors(x0_routes, x0).detach()  # (B, 3)
+    diagnostics = {"mse": sq.flatten(1).mean(1), **{f"x0err_{r}": route_err[:, i] for i, r in enumerate(ROUTES)}}
+    return head_mse.mean(1) + mix_mse, diagnostics
 
 
 class MixedX0Prediction(Prediction):
     """Three heads (x0, v, acc) mixed per timestep into one x0 (our reading of arXiv 2502.01990, see module doc).
 
-    `target` is the concatenated head targets, so the plain per-example MSE of stepwise.diffusion trains the heads
-    (without the mixture term of `mixed_x0_losses`); `to_x0_eps` recovers t from a through the mixing's schedule.
+    `target` is the concatenated head targets; `losses` is `mixed_x0_losses` with each head weighted in its own space;
+    `to_x0_eps` mixes the three routes with the weights of t's bin; `update` feeds the route errors to the mixing.
     """
 
     name = "mixed_x0"
     out_channels_factor = len(ROUTES)
+    legacy_state_prefixes = ("mixing.",)  # model files written before the prediction owned the mixing
 
-    def __init__(self, mixing: RouteMixing):
-        self.mixing = mixing
+    def __init__(self, mixing: RouteMixing, loss_weight: LossWeight | None = None):
+        super().__init__(loss_weight)
+        self.mixing = mixing  # submodule: its logits / EMAs are the prediction's state
+
+    @classmethod
+    def build(cls, T: int, loss_weight: LossWeight | None = None, mixing: str = "learned",
+              mixing_args: dict | None = None, **options) -> "MixedX0Prediction":
+        return cls(build_mixing(mixing, T, **(mixing_args or {})), loss_weight)
 
     def target(self, x0, eps, a, s):
         return route_targets(x0, eps, a, s)  # (B, 3C, ...)
 
-    def to_x0_eps(self, out, x_t, a, s):
-        w = self.mixing.weights(self.mixing.t_from_a(a)).to(out.device)  # (B, 3)
+    def to_x0_eps(self, out, x_t, a, s, t):
+        w = self.mixing.weights(t).to(out.device)  # (B, 3)
         x0 = mix_x0(route_x0(out, x_t, a, s), w)  # (B, C, ...)
         return x0, eps_from_x0(x_t, x0, a, s)
+
+    def losses(self, out, x0, eps, a, s, t):
+        head_weights = torch.stack([self.weight(t, space) for space in HEAD_SPACES], 1)  # (B, 3)
+        return mixed_x0_losses(out, x0, eps, a, s, t, self.mixing, head_weights, self.weight(t, "x0"))
+
+    def update(self, t, diagnostics):
+        """Route errors (B, 3) of the global batch to the mixing (loss-based mixing learns from them)."""
+        self.mixing.update(t, torch.stack([diagnostics[f"x0err_{r}"] for r in ROUTES], 1))  # (B, 3)

@@ -50,6 +50,12 @@ def meaningful_steps(abar: torch.Tensor, eps: float = 1e-4) -> int:
     return int(below[0]) + 1 if len(below) else len(abar)
 
 
+def t_bin(t: torch.Tensor, T: int, bins: int) -> torch.Tensor:
+    """Equal-width bin index of each timestep t (B,) among `bins` bins of [0, T): floor(t * bins / T), clamped to
+    [0, bins - 1] (B,). The one t -> bin map of the package (per-t-bin loss logs, mixed-x0 route mixing)."""
+    return (t.long() * bins // T).clamp(0, bins - 1)  # (B,)
+
+
 class NoiseSchedule:
     """The discrete forward process q(x_t | x0) for t in [0, T), held as float64 tables.
 

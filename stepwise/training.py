@@ -21,7 +21,6 @@ from .data import to_model_range
 from .diffusion import Diffusion
 from .distributed import all_gather_cat, all_gather_objects, all_reduce_mean, barrier, dist_info
 from .errors import CheckpointError, ConfigError, StepwiseError
-from .mixed_x0 import ROUTES
 from .optim_schedules import MomentumDecay
 from .seeding import derive_seed
 from .timestep_samplers import TimestepSampler, build_timestep_sampler
@@ -91,7 +90,8 @@ def train(
     """Train `model` on uint8 images (N, C, H, W) for cfg.steps steps, resuming from ckpt_dir when possible.
 
     Under torchrun (an initialised process group) each rank trains on batch_size / world examples per step;
-    gradients are all-reduced by DDP and the timestep sampler / route mixing learn from the all-gathered losses.
+    gradients are all-reduced by DDP and the timestep sampler / prediction (`update`) learn from the all-gathered
+    losses and diagnostics.
 
     Returns {'model', 'ema' (the EMA nn.Module), 'history' (logged rows), 'resumed_from' (step or None),
     'sampler', 'images_seen'}.
@@ -110,7 +110,7 @@ def train(
     model, diffusion = model.to(device), diffusion.to(device)
     data = images.to(device)  # (N, C, H, W) uint8, resident on the device
     sampler = sampler or build_sampler(cfg, diffusion, rank=rank)
-    params = list(model.parameters()) + list(diffusion.parameters())  # + learned mixed-x0 route logits
+    params = list(model.parameters()) + list(diffusion.parameters())  # + the prediction's own (e.g. route logits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
     momentum = None
@@ -147,7 +147,7 @@ def train(
         log.info("resumed from %s at step %d", ckpt_dir, start)
 
     stats = BinStats(cfg.loss_bins, diffusion.T, device)
-    route_stats = {r: BinStats(cfg.loss_bins, diffusion.T, device) for r in ROUTES} if diffusion.mixing else {}
+    diag_stats: dict[str, BinStats] = {}  # per-t-bin stats of the prediction's extra diagnostics
     window = torch.zeros(2, device=device, dtype=torch.float64)  # (2,): sum of batch losses, count
     cuda_gen = torch.Generator(device) if device.type == "cuda" else None
 
@@ -188,14 +188,17 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(model, step=step)
-        t_all, mse_all = all_gather_cat(t), all_gather_cat(terms["mse"].detach())  # (B,): the global batch
+        t_all = all_gather_cat(t)  # (B,): the global batch
+        diagnostics = {k: all_gather_cat(v.detach()) for k, v in terms.items() if k != "loss"}  # each (B,)
+        mse_all = diagnostics["mse"]  # (B,)
         sampler.update(t_all, mse_all)  # every rank sees the same losses, so learned state stays identical
         stats.add(t_all, mse_all)
-        if diffusion.mixing is not None:
-            route_err = all_gather_cat(terms["route_err"])  # (B, 3)
-            diffusion.mixing.update(t_all, route_err)
-            for i, r in enumerate(ROUTES):
-                route_stats[r].add(t_all, route_err[:, i])
+        diffusion.prediction.update(t_all, diagnostics)  # e.g. loss-based route mixing
+        for k, v in diagnostics.items():
+            if k != "mse":
+                if k not in diag_stats:
+                    diag_stats[k] = BinStats(cfg.loss_bins, diffusion.T, device)
+                diag_stats[k].add(t_all, v)
         window += torch.stack([all_reduce_mean(loss.detach()).double(),
                                torch.ones((), device=device, dtype=torch.float64)])
         done = step + 1
@@ -205,8 +208,8 @@ def train(
             row = {"step": done, "loss": total / count, "lr": opt.param_groups[0]["lr"], **stats.pop()}
             if momentum is not None:
                 row["beta1"] = momentum.beta1(step)
-            for r, st in route_stats.items():
-                row.update(st.pop(f"x0err_{r}"))
+            for k, st in diag_stats.items():
+                row.update(st.pop(k))
             if not math.isfinite(row["loss"]):
                 raise StepwiseError(f"training loss became {row['loss']} at step {done}; lower train.lr or "
                                     "use train.precision=fp32")

@@ -1,11 +1,15 @@
 import pytest
 import torch
 
+from stepwise.checkpoint import load_denoiser, save_model
 from stepwise.diffusion import Diffusion
 from stepwise.errors import ConfigError
-from stepwise.mixed_x0 import (MIXINGS, ROUTES, LearnedMixing, LossBasedMixing, MixedX0Prediction, acc_from_x0_eps,
-                               build_mixing, mix_x0, mixed_x0_losses, route_targets, route_x0, t_bin, x0_from_acc)
-from stepwise.schedules import NoiseSchedule
+from stepwise.loss_weights import LossWeight
+from stepwise.mixed_x0 import (HEAD_SPACES, MIXINGS, ROUTES, LearnedMixing, LossBasedMixing, MixedX0Prediction,
+                               acc_from_x0_eps, build_mixing, mix_x0, mixed_x0_losses, route_targets, route_x0,
+                               split_heads, x0_from_acc)
+from stepwise.models import build_model
+from stepwise.schedules import NoiseSchedule, t_bin
 
 T = 100
 SCHED = NoiseSchedule("linear", T)
@@ -41,12 +45,14 @@ def test_oracle_heads_give_exact_x0_on_every_route(batch):
     routes = route_x0(out, x_t, a, s)
     for r in range(len(ROUTES)):
         close(routes[:, r], x0)
-    for mixing in (LearnedMixing(SCHED.abar), LossBasedMixing(SCHED.abar)):
-        x0_hat, eps_hat = MixedX0Prediction(mixing).to_x0_eps(out, x_t, a, s)
+    for mixing in (LearnedMixing(T), LossBasedMixing(T)):
+        x0_hat, eps_hat = MixedX0Prediction(mixing).to_x0_eps(out, x_t, a, s, t)
         close(x0_hat, x0, 1e-6)
         close(eps_hat, eps, 1e-6)
-        loss, err = mixed_x0_losses(out, x0, eps, a, s, t, mixing)
-        assert loss.shape == (8,) and err.shape == (8, 3) and loss.abs().max() < 1e-10 and err.max() < 1e-10
+        loss, diag = mixed_x0_losses(out, x0, eps, a, s, t, mixing)
+        assert sorted(diag) == ["mse", "x0err_acc", "x0err_v", "x0err_x0"]
+        assert loss.shape == (8,) and loss.abs().max() < 1e-10
+        assert all(v.shape == (8,) and v.max() < 1e-10 for v in diag.values())
 
 
 def test_acceleration_is_second_sigma_derivative_of_the_path():
@@ -77,7 +83,7 @@ def test_routes_have_different_error_amplification(batch):
 
 @pytest.mark.parametrize("name", sorted(MIXINGS))
 def test_mixing_weights_are_a_simplex_per_t(name):
-    mixing = build_mixing(name, SCHED.abar, bins=7)
+    mixing = build_mixing(name, T, bins=7)
     with torch.no_grad():
         if name == "learned":
             mixing.logits.normal_(generator=torch.Generator().manual_seed(0))
@@ -92,7 +98,7 @@ def test_mixing_weights_are_a_simplex_per_t(name):
 
 
 def test_loss_based_weights_favour_the_lower_error_route():
-    mixing = LossBasedMixing(SCHED.abar, bins=4, decay=0.5)
+    mixing = LossBasedMixing(T, bins=4, decay=0.5)
     t = torch.tensor([10, 10, 60])  # bins 0, 0, 2
     mixing.update(t, torch.tensor([[1.0, 0.25, 0.5], [1.0, 0.25, 0.5], [0.1, 1.0, 1.0]]))
     table = mixing.table()
@@ -103,7 +109,7 @@ def test_loss_based_weights_favour_the_lower_error_route():
     close(mixing.ema[0], torch.tensor([0.5, 0.25, 0.5], dtype=torch.float64))
     state = mixing.state_dict()
     assert set(state) == {"ema", "seen"}
-    fresh = LossBasedMixing(SCHED.abar, bins=4, decay=0.5)
+    fresh = LossBasedMixing(T, bins=4, decay=0.5)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.table(), mixing.table())
 
@@ -114,7 +120,7 @@ def test_learned_mixing_moves_towards_the_exact_route(batch):
     out = route_targets(x0, eps, a, s) + torch.cat([torch.zeros_like(x0), torch.randn(8, 4, 4, 4, generator=g,
                                                                                        dtype=torch.float64)], 1)
     out.requires_grad_(True)
-    mixing = LearnedMixing(SCHED.abar, bins=1)
+    mixing = LearnedMixing(T, bins=1)
     for _ in range(30):  # plain gradient descent on the logits
         loss, _ = mixed_x0_losses(out, x0, eps, a, s, t, mixing)
         mixing.logits.grad = None
@@ -128,28 +134,125 @@ def test_learned_mixing_moves_towards_the_exact_route(batch):
 def test_loss_is_head_mse_plus_mixture_mse(batch):
     t, x0, eps, a, s, x_t = batch
     out = torch.randn(8, 6, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    mixing = LossBasedMixing(SCHED.abar)
-    loss, err = mixed_x0_losses(out, x0, eps, a, s, t, mixing)
+    mixing = LossBasedMixing(T)
+    loss, diag = mixed_x0_losses(out, x0, eps, a, s, t, mixing)
     head = (out - route_targets(x0, eps, a, s)).pow(2).flatten(1).mean(1)
     mix = (mix_x0(route_x0(out, x_t, a, s), mixing.weights(t)) - x0).pow(2).flatten(1).mean(1)
     close(loss.double(), (head + mix).double(), 1e-5)
+    close(diag["mse"], head)
+    err = torch.stack([diag[f"x0err_{r}"] for r in ROUTES], 1)  # (B, 3)
     close(err.double(), (route_x0(out, x_t, a, s) - x0[:, None]).pow(2).flatten(2).mean(2).double(), 1e-5)
 
 
-def test_works_as_a_diffusion_prediction():
-    diffusion = Diffusion("linear", T, "x0")
-    mixing = LearnedMixing(diffusion.schedule.abar)
-    diffusion.prediction = MixedX0Prediction(mixing)
-    conv = torch.nn.Conv2d(2, 2 * MixedX0Prediction.out_channels_factor, 1)
-    model = lambda x, t: conv(x)  # noqa: E731
+def test_is_a_diffusion_prediction_that_owns_its_mixing():
+    """Diffusion holds the mixing only through its prediction: parameters and state are found generically."""
+    learned = Diffusion("linear", T, "mixed_x0", mixing="learned", mixing_args={"bins": 4})
+    assert learned.out_channels_factor == 3
+    assert [n for n, _ in learned.named_parameters()] == ["prediction.mixing.logits"]
+    based = Diffusion("linear", T, "mixed_x0", mixing="loss_based")
+    assert list(based.state_dict()) == ["prediction.mixing.ema", "prediction.mixing.seen"]
+    assert list(based.parameters()) == []
+
+
+def test_prediction_uses_the_weights_of_t_bin_not_a_guess_from_a():
+    """to_x0_eps is given t: each example is mixed with its own bin's weights, whatever a it is handed."""
+    d = Diffusion("linear", T, "mixed_x0", mixing_args={"bins": 3})
+    with torch.no_grad():
+        d.prediction.mixing.logits.copy_(torch.tensor([[9.0, 0, 0], [0, 9.0, 0], [0, 0, 9.0]]) * 4)  # one route per bin
     g = torch.Generator().manual_seed(4)
-    x0, eps = torch.randn(4, 2, 4, 4, generator=g), torch.randn(4, 2, 4, 4, generator=g)
-    t = torch.tensor([0, 30, 60, 99])
-    assert diffusion.losses(model, x0, t, eps).shape == (4,)
-    a, _ = diffusion.coefs(t, x0)  # float32 a from the schedule table
-    assert torch.equal(mixing.t_from_a(a), t)
-    x0_hat, eps_hat = diffusion.predict_x0_eps(model, x0, t)
-    assert x0_hat.shape == eps_hat.shape == (4, 2, 4, 4)
+    out = torch.randn(3, 6, 2, 2, generator=g)  # routes disagree
+    x_t = torch.randn(3, 2, 2, 2, generator=g)
+    t = torch.tensor([5, 50, 95])  # bins 0, 1, 2
+    a, s = d.coefs(torch.full((3,), 50), x_t)  # the same a for all: a nearest-neighbour t would pick bin 1 for all
+    x0_hat, _ = d.prediction.to_x0_eps(out, x_t, a, s, t)
+    routes = route_x0(out, x_t, a, s)  # (B, 3, C, H, W)
+    for i in range(3):
+        close(x0_hat[i], routes[i, i], 1e-4)
+    x0_hat, _ = d.predict_x0_eps(lambda x, tt: out, x_t, t)  # through Diffusion: a and t agree
+    a, s = d.coefs(t, x_t)
+    close(x0_hat, torch.stack([route_x0(out, x_t, a, s)[i, i] for i in range(3)]), 1e-4)
+
+
+def test_update_feeds_route_errors_to_loss_based_mixing(batch):
+    t, x0, eps, a, s, x_t = batch
+    pred = MixedX0Prediction(LossBasedMixing(T, bins=4))
+    out = torch.randn(8, 6, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    _, diag = pred.losses(out, x0, eps, a, s, t)
+    pred.update(t, diag)
+    direct = LossBasedMixing(T, bins=4)
+    direct.update(t, torch.stack([diag[f"x0err_{r}"] for r in ROUTES], 1))
+    assert torch.equal(pred.mixing.ema, direct.ema) and pred.mixing.seen.any()
+
+
+def weighted_schedule(name):
+    """A 4-step schedule with SNR_t = 10, 2, 1, 0.25 (abar = SNR/(1 + SNR)) and loss weight `name` on it."""
+    sched = NoiseSchedule("linear", 4)
+    sched.abar = torch.tensor([10 / 11, 2 / 3, 1 / 2, 1 / 5], dtype=torch.float64)
+    return sched, LossWeight(name, sched)
+
+
+@pytest.mark.parametrize("name, w_x0, w_v, w_acc", [
+    # min_snr, gamma = 5: x0 min(SNR, 5), v min(SNR, 5)/(SNR+1), acc min(SNR, 5)/4
+    ("min_snr", [5.0, 2.0, 1.0, 0.25], [5 / 11, 2 / 3, 1 / 2, 0.2], [1.25, 0.5, 0.25, 0.0625]),
+    # p2, k = gamma = 1: x0 SNR/(1+SNR), v SNR/(1+SNR)^2, acc SNR/(1+SNR)/4
+    ("p2", [10 / 11, 2 / 3, 1 / 2, 0.2], [10 / 121, 2 / 9, 1 / 4, 0.16], [10 / 44, 1 / 6, 1 / 8, 0.05]),
+    ("none", [1.0] * 4, [1.0] * 4, [1.0] * 4),
+])
+def test_each_head_is_weighted_in_its_own_space(name, w_x0, w_v, w_acc):
+    """loss = mean_r w_r(t) MSE_r + w_x0(t) MSE_mix, with hand-computed weights per head space."""
+    sched, weight = weighted_schedule(name)
+    pred = MixedX0Prediction(LossBasedMixing(4, bins=4), weight)
+    g = torch.Generator().manual_seed(6)
+    x0, eps = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 2, 3, 3, generator=g)
+    out = torch.randn(4, 6, 3, 3, generator=g)
+    t = torch.arange(4)
+    abar = sched.table("abar", "cpu")[t].view(-1, 1, 1, 1)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    loss, _ = pred.losses(out, x0, eps, a, s, t)
+    heads = (split_heads(out) - split_heads(route_targets(x0, eps, a, s))).pow(2).flatten(2).mean(2)  # (B, 3)
+    mix = (mix_x0(route_x0(out, a * x0 + s * eps, a, s), torch.full((4, 3), 1 / 3)) - x0).pow(2).flatten(1).mean(1)
+    w = torch.tensor([w_x0, w_v, w_acc]).T  # (B, 3)
+    torch.testing.assert_close(loss, (w * heads).mean(1) + torch.tensor(w_x0) * mix, rtol=1e-5, atol=0)
+    assert HEAD_SPACES == ROUTES
+
+
+@pytest.mark.parametrize("name", ["min_snr", "p2"])
+def test_weighted_head_loss_is_the_x0_weighted_error_of_its_route(name):
+    """w_head MSE_head = w_x0 MSE(x0 of that route) for every head: one x0 objective, whatever the head's space."""
+    sched, weight = weighted_schedule(name)
+    t = torch.tensor([0, 1, 3])  # SNR 10, 2, 0.25
+    abar = sched.abar[t].view(-1, 1, 1, 1)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    g = torch.Generator().manual_seed(7)
+    x0, eps = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 4, 4, generator=g,
+                                                                                    dtype=torch.float64)
+    exact = route_targets(x0, eps, a, s)
+    out = exact + torch.randn(exact.shape, generator=g, dtype=torch.float64)
+    head_mse = (split_heads(out) - split_heads(exact)).pow(2).flatten(2).mean(2)  # (B, 3)
+    route_mse = (route_x0(out, a * x0 + s * eps, a, s) - x0[:, None]).pow(2).flatten(2).mean(2)  # (B, 3)
+    for r, space in enumerate(HEAD_SPACES):
+        close(weight(t, space).double() * head_mse[:, r], weight(t, "x0").double() * route_mse[:, r], 1e-5)
+
+
+@pytest.mark.parametrize("mixing", sorted(MIXINGS))
+def test_model_files_with_pre_interface_keys_still_load(tmp_path, mixing):
+    """Files written before the prediction owned the mixing keep its state as 'mixing.*' at Diffusion's top level."""
+    g = torch.Generator().manual_seed(8)
+    old_state = ({"mixing.logits": torch.randn(4, 3, generator=g)} if mixing == "learned" else
+                 {"mixing.ema": torch.rand(4, 3, generator=g, dtype=torch.float64),
+                  "mixing.seen": torch.tensor([True, False, True, False])})
+    cfg = dict(schedule="linear", T=T, prediction="mixed_x0", loss_weight="none", loss_weight_args={},
+               mixing=mixing, mixing_args={"bins": 4})
+    model_cfg = dict(name="unet", base_channels=8, channel_mult=[1], num_res_blocks=1, attn_resolutions=[])
+    net = build_model(model_cfg, 8, 1, out_channels=3)
+    save_model(tmp_path / "model.pt", model_cfg=model_cfg, diffusion_cfg=cfg, image_shape=(1, 8, 8),
+               state_dict=net.state_dict(), ema_state_dict=net.state_dict(), meta={}, diffusion_state=old_state)
+    _, loaded, _ = load_denoiser(tmp_path / "model.pt")
+    state = loaded.state_dict()
+    assert sorted(state) == sorted("prediction." + k for k in old_state)
+    assert all(torch.equal(state["prediction." + k], v) for k, v in old_state.items())
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        Diffusion("linear", T, "eps").load_state_dict(old_state)  # the key map is mixed x0's, not a catch-all
 
 
 @pytest.mark.parametrize("name, kwargs, needle", [
@@ -160,5 +263,5 @@ def test_works_as_a_diffusion_prediction():
 ])
 def test_config_errors(name, kwargs, needle):
     with pytest.raises(ConfigError) as e:
-        build_mixing(name, SCHED.abar, **kwargs)
+        build_mixing(name, T, **kwargs)
     assert needle in str(e.value) and "\n" not in str(e.value)

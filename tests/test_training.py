@@ -1,9 +1,11 @@
 """Resume is exact: a run stopped at a checkpoint and resumed ends bit-identical to an uninterrupted run."""
+from dataclasses import asdict
+
 import pytest
 import torch
 
 from stepwise.checkpoint import checkpoint_paths, load_latest_checkpoint
-from stepwise.config import TrainConfig, parse
+from stepwise.config import DiffusionConfig, TrainConfig, parse
 from stepwise.data import make_synthetic
 from stepwise.diffusion import Diffusion
 from stepwise.errors import CheckpointError, ConfigError
@@ -121,3 +123,23 @@ def test_strategies_resume_exactly(tmp_path, diff, over):
         assert full["history"][-1]["beta1"] < 0.9
     if diff["prediction"] == "mixed_x0":
         assert any(k.startswith("x0err_acc_bin/") for k in full["history"][-1])
+
+
+def test_default_eps_path_matches_values_recorded_before_the_prediction_interface(tmp_path):
+    """Default diffusion (linear, T=1000, eps, no loss weight) and train settings: the logged losses and the weights
+    after 4 steps equal those recorded from the code before predictions owned their loss (commit ad7b21b). They were
+    bit-identical on the recording machine; the tolerances only absorb other CPUs' summation order."""
+    torch.manual_seed(123)
+    cfg = parse(TrainConfig, dict(steps=4, batch_size=8, ckpt_every=4, log_every=1, device="cpu"), "train")
+    model = build_model(MODEL, 16, 1)
+    init = [p.detach().clone() for p in model.parameters()]
+    diffusion = Diffusion.from_config(asdict(parse(DiffusionConfig, {}, "diffusion")))
+    r = train(model, diffusion, IMAGES, cfg, tmp_path, fingerprint="fp", progress=False)
+    moved = sum(float((p.detach().double() - q.double()).pow(2).sum()) for p, q in zip(r["model"].parameters(), init))
+    ema = sum(float(p.detach().double().sum()) for p in r["ema"].parameters())
+    losses = [row["loss"] for row in r["history"]]
+    assert losses == pytest.approx([0.9884283542633057, 0.9828219413757324, 0.9859814047813416, 0.99531489610672],
+                                   rel=1e-6)
+    assert moved == pytest.approx(9.638703956220266e-07, rel=1e-4)  # squared distance travelled by the weights
+    assert ema == pytest.approx(330.36371986627034, rel=1e-7)
+    assert diffusion.state_dict() == {} and list(diffusion.parameters()) == []
