@@ -12,16 +12,18 @@ from dataclasses import asdict
 from typing import Callable
 
 import torch
-from timm.utils.model_ema import ModelEmaV3
-from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_paths, load_latest_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import to_model_range
 from .diffusion import Diffusion
 from .distributed import all_gather_cat, all_gather_objects, all_reduce_mean, barrier, dist_info
+from .ema import EMA
 from .errors import CheckpointError, ConfigError, StepwiseError
+from .io import exclusive_dir_lock
 from .optim_schedules import MomentumDecay
+from .progress import progress as progress_bar
+from .schedules import t_bin
 from .seeding import derive_seed
 from .timestep_samplers import TimestepSampler, build_timestep_sampler
 
@@ -51,7 +53,7 @@ class BinStats:
         self.stats = torch.zeros(3, bins, device=device, dtype=torch.float64)  # (3, bins): n, sum, sumsq
 
     def add(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        b = (t * self.bins // self.T).clamp(max=self.bins - 1)  # (B,)
+        b = t_bin(t, self.T, self.bins)  # (B,)
         l64 = losses.detach().double()  # (B,)
         self.stats.index_add_(1, b, torch.stack([torch.ones_like(l64), l64, l64 * l64]))
 
@@ -86,6 +88,7 @@ def train(
     sampler: TimestepSampler | None = None,
     log_fn: LogFn | None = None,
     progress: bool = True,
+    ema_start: dict | None = None,
 ) -> dict:
     """Train `model` on uint8 images (N, C, H, W) for cfg.steps steps, resuming from ckpt_dir when possible.
 
@@ -93,9 +96,24 @@ def train(
     gradients are all-reduced by DDP and the timestep sampler / prediction (`update`) learn from the all-gathered
     losses and diagnostics.
 
+    The EMA of the weights starts as a copy of `model`, or from the state dict `ema_start` (e.g. the EMA weights of
+    the model a fine-tune starts from). Loss-aware timestep samplers learn from the per-example loss that is
+    optimised (cfg.sampler_feedback = "loss", before importance weights) or from the plain MSE ("mse"). Rank 0
+    holds an exclusive lock on ckpt_dir for the whole run, so a second trainer on the same folder fails at once.
+
     Returns {'model', 'ema' (the EMA nn.Module), 'history' (logged rows), 'resumed_from' (step or None),
     'sampler', 'images_seen'}.
     """
+    rank, _ = dist_info()
+    if rank != 0:
+        return _train(model, diffusion, images, cfg, ckpt_dir, fingerprint=fingerprint, sampler=sampler,
+                      log_fn=log_fn, progress=progress, ema_start=ema_start)
+    with exclusive_dir_lock(ckpt_dir):
+        return _train(model, diffusion, images, cfg, ckpt_dir, fingerprint=fingerprint, sampler=sampler,
+                      log_fn=log_fn, progress=progress, ema_start=ema_start)
+
+
+def _train(model, diffusion, images, cfg, ckpt_dir, *, fingerprint, sampler, log_fn, progress, ema_start) -> dict:
     device = resolve_device(cfg.device)
     rank, world = dist_info()
     if cfg.batch_size > len(images):
@@ -117,7 +135,9 @@ def train(
     if cfg.momentum_decay != "none":  # decays over momentum_decay_args.total_steps, default train.steps
         md_args = {"total_steps": cfg.steps, **cfg.momentum_decay_args}
         momentum = MomentumDecay(opt, md_args.pop("total_steps"), cfg.momentum_decay, **md_args)
-    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_steps, cfg.ema_warmup_power)
+    if ema_start is not None:
+        ema.module.load_state_dict(ema_start)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # gradients all-reduced
     history: list[dict] = []
     start, resumed_from = 0, None
@@ -163,8 +183,8 @@ def train(
         barrier()
 
     model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
-               disable=not progress or rank != 0)
+    bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
+                       disable=not progress or rank != 0)
     for step in bar:
         g = cuda_gen.manual_seed(derive_seed(cfg.seed, step, rank)) if cuda_gen else \
             torch.Generator().manual_seed(derive_seed(cfg.seed, step, rank))
@@ -184,14 +204,19 @@ def train(
         loss = (terms["loss"] * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:  # parameters outside the DDP wrapper (e.g. learned route-mixing logits): average by hand
+            for p in diffusion.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(all_reduce_mean(p.grad))
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        ema.update(model, step=step)
+        ema.update(model, step)
         t_all = all_gather_cat(t)  # (B,): the global batch
         diagnostics = {k: all_gather_cat(v.detach()) for k, v in terms.items() if k != "loss"}  # each (B,)
         mse_all = diagnostics["mse"]  # (B,)
-        sampler.update(t_all, mse_all)  # every rank sees the same losses, so learned state stays identical
+        feedback = mse_all if cfg.sampler_feedback == "mse" else all_gather_cat(terms["loss"].detach())  # (B,)
+        sampler.update(t_all, feedback)  # every rank sees the same losses, so learned state stays identical
         stats.add(t_all, mse_all)
         diffusion.prediction.update(t_all, diagnostics)  # e.g. loss-based route mixing
         for k, v in diagnostics.items():
@@ -205,7 +230,8 @@ def train(
         if done % cfg.log_every == 0 or done == cfg.steps:
             total, count = window.tolist()
             window.zero_()
-            row = {"step": done, "loss": total / count, "lr": opt.param_groups[0]["lr"], **stats.pop()}
+            row = {"step": done, "loss": total / count, "lr": opt.param_groups[0]["lr"], "ema_decay": ema.last_decay,
+                   **stats.pop()}
             if momentum is not None:
                 row["beta1"] = momentum.beta1(step)
             for k, st in diag_stats.items():

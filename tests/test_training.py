@@ -130,7 +130,8 @@ def test_default_eps_path_matches_values_recorded_before_the_prediction_interfac
     after 4 steps equal those recorded from the code before predictions owned their loss (commit ad7b21b). They were
     bit-identical on the recording machine; the tolerances only absorb other CPUs' summation order."""
     torch.manual_seed(123)
-    cfg = parse(TrainConfig, dict(steps=4, batch_size=8, ckpt_every=4, log_every=1, device="cpu"), "train")
+    cfg = parse(TrainConfig, dict(steps=4, batch_size=8, ckpt_every=4, log_every=1, device="cpu", lr=2e-4,
+                                  warmup_steps=100), "train")  # the train defaults of that commit
     model = build_model(MODEL, 16, 1)
     init = [p.detach().clone() for p in model.parameters()]
     diffusion = Diffusion.from_config(asdict(parse(DiffusionConfig, {}, "diffusion")))
@@ -141,5 +142,6 @@ def test_default_eps_path_matches_values_recorded_before_the_prediction_interfac
     assert losses == pytest.approx([0.9884283542633057, 0.9828219413757324, 0.9859814047813416, 0.99531489610672],
                                    rel=1e-6)
     assert moved == pytest.approx(9.638703956220266e-07, rel=1e-4)  # squared distance travelled by the weights
-    assert ema == pytest.approx(330.36371986627034, rel=1e-7)
+    # the weight EMA is stepwise.ema.EMA since the fair-comparison change (timm's ModelEmaV3 gave 330.36371986627034)
+    assert ema == pytest.approx(330.36239141462397, rel=1e-7)
     assert diffusion.state_dict() == {} and list(diffusion.parameters()) == []

@@ -178,8 +178,9 @@ class TrainConfig:
     beta2: float = 0.999
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
+    ema_decay: float = 0.995
+    ema_warmup_steps: int = 100  # the EMA decay warms up to ema_decay over this many steps (stepwise/ema.py)
+    ema_warmup_power: float = 0.667
     precision: str = "fp32"
     seed: int = 0
     device: str = "auto"
@@ -192,6 +193,7 @@ class TrainConfig:
     timestep_sampler_args: dict = field(default_factory=dict)
     momentum_decay: str = "none"
     momentum_decay_args: dict = field(default_factory=dict)
+    sampler_feedback: str = "loss"  # what loss-aware timestep samplers learn from: the optimised loss, or the MSE
     eval_steps: list = field(default_factory=list)  # checkpoints kept for the FID-vs-iterations curve
 
     def __post_init__(self):
@@ -201,7 +203,7 @@ class TrainConfig:
         for key in ("steps", "batch_size", "ckpt_every", "log_every", "loss_bins", "keep_checkpoints", "nproc"):
             positive(key, getattr(self, key))
         positive("lr", self.lr)
-        for key in ("weight_decay", "warmup_steps", "grad_clip"):
+        for key in ("weight_decay", "warmup_steps", "grad_clip", "ema_warmup_steps"):
             positive(key, getattr(self, key), allow_zero=True)
         for key in ("beta1", "beta2", "ema_decay"):
             unit_interval(key, getattr(self, key))
@@ -209,6 +211,8 @@ class TrainConfig:
             raise ConfigError(f"batch_size={self.batch_size} must be divisible by nproc={self.nproc}")
         if self.ckpt_every % self.log_every:
             raise ConfigError(f"ckpt_every={self.ckpt_every} must be a multiple of log_every={self.log_every}")
+        positive("ema_warmup_power", self.ema_warmup_power)
+        choice(self.sampler_feedback, ("loss", "mse"), "sampler_feedback")
         choice(self.precision, PRECISIONS, "precision")
         choice(self.timestep_sampler, TIMESTEP_SAMPLERS, "timestep_sampler")
         choice(self.momentum_decay, ("none", *MOMENTUM_FORMS), "momentum_decay")

@@ -22,11 +22,23 @@ PRUNE_INITS = ("raw", "ema")  # which weights of the expert file are pruned: raw
 FINETUNE_RESET = {"eval_steps": []}  # pretrain-only TrainConfig settings a fine-tune does not inherit
 
 
-def segment_train_config(train: TrainConfig | dict, overrides: dict, steps: int, seed: int, where: str) -> TrainConfig:
-    """The TrainConfig of one training segment (expert fine-tune, continued baseline, pruned fine-tune): the `train`
-    section with the segment's overrides, its own length and seed; pretrain-only settings are reset."""
+def segment_warmup(fraction: float, schedule_steps: int) -> int:
+    """Warm-up steps of a training segment: ceil(fraction x schedule_steps), at least 1 when fraction > 0."""
+    return math.ceil(fraction * schedule_steps)
+
+
+def segment_train_config(train: TrainConfig | dict, overrides: dict, steps: int, seed: int, where: str,
+                         warmup_fraction: float = 0.0, schedule_steps: int | None = None) -> TrainConfig:
+    """The TrainConfig of one training segment (expert fine-tune, continued baseline, pruned fine-tune).
+
+    The `train` section with the segment's overrides, its own length and seed, pretrain-only settings reset, and
+    its own schedule: the lr warm-up and the EMA warm-up are ceil(warmup_fraction x schedule_steps) (schedule_steps
+    defaults to steps; the continued baseline passes the experts' steps so that it gets exactly their schedule)
+    unless the overrides set them."""
     base = dataclasses.asdict(train) if isinstance(train, TrainConfig) else dict(train or {})
-    return parse(TrainConfig, {**base, **FINETUNE_RESET, **overrides, "steps": steps, "seed": seed}, where)
+    warm = segment_warmup(warmup_fraction, schedule_steps or steps)
+    schedule = {"warmup_steps": warm, "ema_warmup_steps": warm}
+    return parse(TrainConfig, {**base, **FINETUNE_RESET, **schedule, **overrides, "steps": steps, "seed": seed}, where)
 
 
 def _check_overrides(overrides, where: str) -> None:
@@ -100,17 +112,24 @@ class FinetuneConfig:
 
     steps: int = 100  # per expert; the compute-matched unified baseline runs num_groups x steps
     seed: int = 1  # run i's train.seed: derive_seed(seed, i) mod 2^31 (-1: the continued baseline)
-    init: str = "raw"  # which unified weights the trainable copy starts from: raw | ema
-    train: dict = field(default_factory=dict)  # overrides of the `train` section: lr, batch_size, timestep_sampler...
+    init: str = "ema"  # which unified weights the trainable copy starts from: raw | ema
+    ema_start: str = "init"  # the copy's weight EMA starts from: init (its starting weights) | ema (unified EMA)
+    warmup_fraction: float = 0.1  # lr and EMA warm-up of each fine-tune: ceil(fraction x steps)
+    train: dict = field(default_factory=lambda: {"ema_decay": 0.95})  # overrides of the `train` section
 
     def __post_init__(self):
         positive("steps", self.steps)
         choice(self.init, FINETUNE_INITS, "init")
+        choice(self.ema_start, ("init", "ema"), "ema_start")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise ConfigError(f"warmup_fraction={self.warmup_fraction!r} must be in [0, 1]")
         _check_overrides(self.train, "train")
 
     def train_config(self, train: TrainConfig | dict, seed: int, steps: int | None = None) -> TrainConfig:
-        """The TrainConfig of one fine-tuning run: `train` with this section's overrides, length and seed."""
-        return segment_train_config(train, self.train, steps or self.steps, seed, "tdc.finetune.train")
+        """The TrainConfig of one fine-tuning run (an expert, or with steps = K x steps the continued baseline):
+        `train` with this section's overrides, length, seed, and the experts' warm-up schedule."""
+        return segment_train_config(train, self.train, steps or self.steps, seed, "tdc.finetune.train",
+                                    self.warmup_fraction, schedule_steps=self.steps)
 
 @dataclass
 class ConsistencyConfig:
@@ -183,8 +202,9 @@ class PruneConfig:
     t_stride: int = 10  # gradient timesteps lo, lo+s, ... (Diff-Pruning uses 1)
     thr: float = 0.05  # Diff-Pruning stop rule: L_t < thr * max L
     finetune_steps: int = 50  # post-pruning fine-tune of the best candidate on [lo, hi)
+    warmup_fraction: float = 0.1  # lr and EMA warm-up of the post-pruning fine-tune: ceil(fraction x finetune_steps)
     init: str = "ema"  # prune the expert's EMA weights (what sampling uses) or its raw weights
-    train: dict = field(default_factory=dict)  # overrides of `train` for the fine-tune (lr, batch_size, ...)
+    train: dict = field(default_factory=lambda: {"ema_decay": 0.95})  # overrides of `train` for the fine-tune
     seed: int = 0
 
     def __post_init__(self):
@@ -209,11 +229,15 @@ class PruneConfig:
                               f"{self.proxy_images}")
         if not all(isinstance(n, str) and n for n in self.ignored):
             raise ConfigError(f"ignored={self.ignored!r} must be a list of module names (model.named_modules())")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise ConfigError(f"warmup_fraction={self.warmup_fraction!r} must be in [0, 1]")
         _check_overrides(self.train, "train")
 
     def train_config(self, train: TrainConfig | dict, seed: int) -> TrainConfig:
-        """The TrainConfig of the post-pruning fine-tune: `train` + this section's overrides, finetune_steps, seed."""
-        return segment_train_config(train, self.train, self.finetune_steps, seed, "tdc.prune.train")
+        """The TrainConfig of the post-pruning fine-tune: `train` + this section's overrides, finetune_steps, seed,
+        its own warm-up schedule."""
+        return segment_train_config(train, self.train, self.finetune_steps, seed, "tdc.prune.train",
+                                    self.warmup_fraction)
 
     def search_settings(self) -> dict:
         """The settings that define a search: the memory bank's identity (not `rounds`: a longer search extends the
