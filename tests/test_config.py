@@ -6,7 +6,7 @@ from stages.compose import CONF_DIR, compose
 from dataclasses import asdict
 
 from stepwise.config import (DATA_CONFIGS, MODEL_CONFIGS, ComparisonConfig, DiffusionConfig, EvalConfig, SampleConfig,
-                             TdcConfig, TrainConfig, load_config, parse, validate)
+                             FinetuneConfig, TdcConfig, TrainConfig, load_config, parse, validate)
 from stepwise.errors import ConfigError
 from stepwise.models import build_model
 
@@ -111,3 +111,21 @@ def test_invalid_settings_give_one_clear_message(section, cls, bad, match):
     with pytest.raises(ConfigError, match=match) as info:
         parse(cls, bad, section)
     assert str(info.value).startswith(section)
+
+
+def test_segment_schedules_hand_computed():
+    """Each fine-tune gets its own warm-up (ceil(0.1 x its steps)); the continued baseline gets exactly the experts'
+    schedule (same warm-up, same overrides), only its length and seed differ."""
+    cfg = validate(yaml.safe_load(compose([])))
+    ft, K = cfg.tdc.finetune, cfg.tdc.num_groups
+    expert = ft.train_config(cfg.train, seed=7)
+    continued = ft.train_config(cfg.train, seed=8, steps=K * ft.steps)
+    assert (expert.steps, expert.warmup_steps, expert.ema_warmup_steps, expert.ema_decay) == (100, 10, 10, 0.95)
+    assert (continued.steps, continued.warmup_steps, continued.ema_warmup_steps) == (400, 10, 10)
+    assert asdict(expert) | {"steps": 0, "seed": 0} == asdict(continued) | {"steps": 0, "seed": 0}
+    assert expert.eval_steps == [] and expert.lr == cfg.train.lr
+    pruned = cfg.tdc.prune.train_config(cfg.train, seed=1)
+    assert (pruned.steps, pruned.warmup_steps, pruned.ema_warmup_steps) == (50, 5, 5)
+    over = parse(FinetuneConfig, {**asdict(ft), "steps": 30, "train": {"warmup_steps": 3}}, "tdc.finetune")
+    assert over.train_config(cfg.train, seed=1).warmup_steps == 3  # an explicit override wins
+    assert over.train_config(cfg.train, seed=1).ema_warmup_steps == 3  # ceil(0.1 x 30)
