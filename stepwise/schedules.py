@@ -5,6 +5,7 @@ Notation (shared/methods-notes.md): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -95,3 +96,36 @@ class NoiseSchedule:
     def snr_db(self) -> torch.Tensor:
         """SNR in dB for every t, float64 (T,)."""
         return snr_db(self.abar)
+
+
+# ---- metric names of equal-width t-bins: bin k of `bins` holds the t in [0, T) with t * bins // T == k -------------
+BIN_KEY = re.compile(r"^(?P<name>.+)_t(?P<lo>\d+)-(?P<last>\d+)$")
+
+
+def bin_range(k: int, bins: int, T: int) -> tuple[int, int]:
+    """[lo, hi) of t-bin k: the t with t * bins // T == k, i.e. lo = ceil(k T / bins), hi = ceil((k + 1) T / bins)."""
+    if not 0 < bins <= T:
+        raise ConfigError(f"bins={bins} must be in [1, T={T}]")
+    if not 0 <= k < bins:
+        raise ConfigError(f"bin index {k} must be in [0, {bins})")
+    return -(-k * T // bins), -(-(k + 1) * T // bins)
+
+
+def bin_label(k: int, bins: int, T: int) -> str:
+    """Name of t-bin k by its inclusive t-range, zero-padded to the digits of T - 1: e.g. 't000-099'."""
+    lo, hi = bin_range(k, bins, T)
+    width = len(str(T - 1))
+    return f"t{lo:0{width}d}-{hi - 1:0{width}d}"
+
+
+def bin_key(k: int, bins: int, T: int, name: str = "loss") -> str:
+    """Metric key of quantity `name` in t-bin k: e.g. 'loss_t000-099' (parsed back by `parse_bin_key`)."""
+    return f"{name}_{bin_label(k, bins, T)}"
+
+
+def parse_bin_key(key: str) -> tuple[str, int, int] | None:
+    """(name, lo, hi) with t in [lo, hi) of a key written by `bin_key`; None for any other key."""
+    m = BIN_KEY.match(key)
+    if m is None or int(m["last"]) < int(m["lo"]):
+        return None
+    return m["name"], int(m["lo"]), int(m["last"]) + 1

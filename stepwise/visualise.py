@@ -1,28 +1,126 @@
-"""Images for people: sample grids and figures written atomically, byte-identical for identical content."""
+"""Images for people: sample grids and figures written atomically, byte-identical for identical content.
+
+The figure conventions every plot follows: a title, labelled axes with units, a log axis where positive values span
+decades (`needs_log`), lines told apart by colour, dash and marker together (`series_style`), and a note written on
+any panel that is empty by design (`empty_panel`). PNGs carry no text chunks (no software version, no time).
+"""
 from __future__ import annotations
 
+import io
 import math
 
+import numpy as np
 import torch
-from torchvision.utils import save_image
+from torchvision.utils import make_grid
 
 from .io import atomic_path
 
 PNG_METADATA = {"Software": None}  # PNG text chunks matplotlib would add (its version): none
+MIN_GRID_WIDTH = 512  # px: small images are upscaled (nearest neighbour) until a grid is at least this wide
+GRID_PADDING = 2  # px between the upscaled images of a grid
+TITLE_BAND = 30  # px above a grid holding its title
+LOG_SPAN = 100.0  # positive values whose max / min reaches this are drawn on a log axis
+DASHES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
-def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
-    """Save uint8 images (N, C, H, W) as one PNG grid, nrow per row (default: square); PIL adds no metadata."""
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def grid_scale(width: int, min_width: int = MIN_GRID_WIDTH, nrow: int = 1) -> int:
+    """Integer nearest-neighbour factor that makes `nrow` images of `width` px at least `min_width` px wide."""
+    return max(1, math.ceil(min_width / max(1, width * nrow)))
+
+
+def grid_array(images: torch.Tensor, nrow: int | None = None, min_width: int = MIN_GRID_WIDTH) -> np.ndarray:
+    """uint8 images (N, C, H, W), C in {1, 3} -> one RGB grid (H', W', 3) uint8, nrow per row (default: square),
+    each image upscaled by an integer factor (nearest neighbour) so the grid is at least `min_width` px wide."""
     nrow = nrow or max(1, int(math.ceil(math.sqrt(len(images)))))
-    with atomic_path(path) as tmp:
-        save_image(images.float() / 255, tmp, nrow=nrow, padding=1, format="png")
+    s = grid_scale(images.shape[-1], min_width, min(nrow, len(images)))
+    big = images.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)  # (N, C, sH, sW)
+    grid = make_grid(big, nrow=nrow, padding=GRID_PADDING, pad_value=255)  # (3, H', W') uint8
+    return grid.permute(1, 2, 0).contiguous().numpy()  # (H', W', 3)
+
+
+def figure_png(fig, dpi: int = 90, tight: bool = True) -> bytes:
+    """A matplotlib figure as PNG bytes without matplotlib's Software (version) tag; closes the figure."""
+    if tight:
+        fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata=PNG_METADATA)
+    pyplot().close(fig)
+    return buf.getvalue()
+
+
+def grid_png(images: torch.Tensor, nrow: int | None = None, title: str | None = None,
+             min_width: int = MIN_GRID_WIDTH) -> bytes:
+    """PNG bytes of a sample grid (see `grid_array`), with `title` (e.g. model name and training step) above it."""
+    from PIL import Image
+
+    grid = grid_array(images, nrow, min_width)  # (H, W, 3)
+    if title is None:
+        buf = io.BytesIO()
+        Image.fromarray(grid).save(buf, format="png")  # PIL adds no metadata
+        return buf.getvalue()
+    height, width = grid.shape[:2]
+    dpi = 100
+    fig = pyplot().figure(figsize=(width / dpi, (height + TITLE_BAND) / dpi), dpi=dpi, facecolor="white")
+    fig.figimage(grid, xo=0, yo=0, origin="upper")  # pixel-exact: no resampling
+    fig.text(0.5, 1 - TITLE_BAND / 2 / (height + TITLE_BAND), title, ha="center", va="center", fontsize=12)
+    return figure_png(fig, dpi=dpi, tight=False)
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, title: str | None = None,
+              min_width: int = MIN_GRID_WIDTH) -> None:
+    """Save uint8 images (N, C, H, W) as one PNG grid (see `grid_png`) atomically."""
+    write_png(grid_png(images, nrow, title, min_width), path)
 
 
 def save_figure(fig, path, dpi: int = 90) -> None:
     """Save a matplotlib figure as PNG atomically and close it, without matplotlib's Software (version) tag."""
-    import matplotlib.pyplot as plt
+    write_png(figure_png(fig, dpi), path)
 
-    fig.tight_layout()
+
+def write_png(data: bytes, path) -> None:
+    """Write PNG bytes to `path` atomically."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, metadata=PNG_METADATA)
-    plt.close(fig)
+        tmp.write_bytes(data)
+
+
+def needs_log(values) -> bool:
+    """True when the finite values are all positive and span at least LOG_SPAN (max / min): a log axis reads them."""
+    v = np.asarray([x for x in np.ravel(np.asarray(values, dtype=float)) if math.isfinite(x)])
+    return bool(len(v)) and bool((v > 0).all()) and float(v.max() / v.min()) >= LOG_SPAN
+
+
+def series_style(i: int, n: int, ordered: bool = False) -> dict:
+    """Line style of series i of n: a colour (viridis along an ordered family such as t-bins, else tab10) plus a
+    dash and a marker, so neighbouring lines differ in more than colour (and in greyscale print)."""
+    plt = pyplot()
+    color = plt.get_cmap("viridis")(i / max(1, n - 1) * 0.9) if ordered else plt.get_cmap("tab10")(i % 10)
+    return {"color": color, "linestyle": DASHES[i % len(DASHES)], "marker": MARKERS[i % len(MARKERS)]}
+
+
+def label_axes(ax, title: str, xlabel: str, ylabel: str, values=None, log: bool | None = None) -> None:
+    """Title and axis labels (units in the label text); a log y axis if `log`, or if None and `needs_log(values)`."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log or (log is None and values is not None and needs_log(values)):
+        ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def empty_panel(ax, title: str, note: str) -> None:
+    """A panel that is empty by design: its title, no ticks, and `note` saying why, centred."""
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, fontsize=10, color="0.35", transform=ax.transAxes)
