@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import schedules
 from .errors import ConfigError
 from .parameterisations import Prediction, eps_from_x0, v_from_x0_eps, x0_from_v
 
@@ -76,8 +77,8 @@ def route_errors(x0_routes: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
 
 
 def t_bin(t: torch.Tensor, T: int, bins: int) -> torch.Tensor:
-    """Equal-width bin index of each t (B,) among `bins` bins of [0, T): (B,)."""
-    return (t.long() * bins // T).clamp(0, bins - 1)
+    """Equal-width bin index of each t (B,) among `bins` bins of [0, T): (B,) (`stepwise.schedules.t_bin`)."""
+    return schedules.t_bin(t, T, bins)
 
 
 class RouteMixing(nn.Module):

@@ -89,3 +89,24 @@ class NoiseSchedule:
     def snr_db(self) -> torch.Tensor:
         """SNR in dB for every t, float64 (T,)."""
         return snr_db(self.abar)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Equal-width t-bins: the per-bin statistics of training (loss_bin/NN), the mixed-x0 route tables, the profile
+
+
+def t_bin(t: torch.Tensor, T: int, bins: int) -> torch.Tensor:
+    """Equal-width bin index floor(t bins / T) of each t (B,) among `bins` bins of [0, T): (B,)."""
+    return (t.long() * bins // T).clamp(0, bins - 1)
+
+
+def bin_key(name: str, k: int) -> str:
+    """The metric key of t-bin k of a per-bin statistic: '<name>_bin/<k, 2 digits>' (e.g. loss_bin/03)."""
+    return f"{name}_bin/{k:02d}"
+
+
+def bin_index(key: str, name: str = "loss") -> int | None:
+    """The t-bin k of a key written by `bin_key(name, k)`, None for any other key."""
+    prefix = f"{name}_bin/"
+    rest = key[len(prefix):] if key.startswith(prefix) else ""
+    return int(rest) if rest.isascii() and rest.isdigit() else None
