@@ -48,3 +48,14 @@ def test_q_sample_formula():
 def test_unknown_schedule():
     with pytest.raises(ConfigError, match="valid: \\['cosine', 'linear'\\]"):
         NoiseSchedule("quadratic", 10)
+
+
+def test_t_bins_and_their_metric_keys():
+    from stepwise.schedules import bin_index, bin_key, t_bin
+
+    # floor(t * 3 / 10): bins [0, 4), [4, 7), [7, 10) of T = 10
+    assert t_bin(torch.arange(10), 10, 3).tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert bin_key("loss", 3) == "loss_bin/03" and bin_key("loss_var", 123) == "loss_var_bin/123"
+    assert [bin_index(bin_key("loss", k)) for k in (0, 7, 123)] == [0, 7, 123]
+    assert bin_index("loss_var_bin/03") is None and bin_index("loss_bin/x") is None and bin_index("loss") is None
+    assert bin_index("x0err_v_bin/02", "x0err_v") == 2
