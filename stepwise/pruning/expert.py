@@ -38,13 +38,13 @@ from ..flops import count_macs, example_inputs
 from ..io import FORMAT_KEY, write_json
 from ..models import count_params
 from ..seeding import derive_seed
+from ..tdc import check_expert, range_sampler, train_on_range
 from .budgets import progressive_budgets
 from .importance import IMPORTANCES, GradientBatch, make_scorer
 from .proposers import ranked
 from .proxy import short_finetune_loss
 from .search import BANK_FORMAT, candidate_model, proxy_search
 from .structural import prunable_groups, prune_to_ratios
-from ..tdc import check_expert, range_sampler, train_on_range
 
 log = logging.getLogger(__name__)
 PRUNED_FORMAT = "stepwise-pruned/1"  # meta["pruning"]["format"] of a pruned model file
