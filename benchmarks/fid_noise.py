@@ -14,26 +14,19 @@ import statistics
 import sys
 import time
 
-from stepwise.checkpoint import load_denoiser
+from stepwise.artifacts import load_denoiser
 from stepwise.data import load_split
 from stepwise.errors import StepwiseError
 from stepwise.featnet import load_featnet
-from stepwise.fidelity import fidelity_metrics
-from stepwise.sampling import generate, to_uint8
+from stepwise.fidelity import sample_scores
 from stepwise.training import resolve_device
 
 
 def fid_over_seeds(model, diffusion, shape, test_images, featnet, *, samples: int, seeds: list[int], sampler: str,
                    steps: int, device) -> list[float]:
     """fid_featnet of `samples` images drawn with each sampling seed (EMA weights as stored in the model file)."""
-    fids = []
-    for seed in seeds:
-        images = to_uint8(generate(model, diffusion, samples, shape, sampler=sampler, steps=steps, seed=seed,
-                                   device=device, progress=False))  # (N, C, H, W) uint8
-        m = fidelity_metrics(images, test_images, extractor="featnet", weights_path=featnet, fid=True, kid=False,
-                             prc=False, cuda=device.type == "cuda")
-        fids.append(m["fid_featnet"])
-    return fids
+    return [sample_scores(model, diffusion, shape, test_images, featnet, samples, device=device, sampler=sampler,
+                          steps=steps, seed=seed)["fid_featnet"] for seed in seeds]
 
 
 def main(argv=None) -> int:

@@ -12,12 +12,11 @@ Not a DVC stage: it reads across experiments.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 from stepwise.io import write_json, write_text
-from stepwise.speedup import speedups
-from stepwise.visualise import save_figure
+from stepwise.speedup import speedup_table, speedups
+from stepwise.visualise import plot_fid_curves
 
 from .common import EXPERIMENT, tracking_uri
 
@@ -34,35 +33,6 @@ def collect_curves(client, exp_id: str) -> dict[str, list[tuple[int, float]]]:
             if history:
                 curves[strategy] = sorted((m.step, m.value) for m in history)
     return curves
-
-
-def table(result: dict) -> str:
-    lines = ["| strategy | final FID | iterations to baseline FID | speed-up |", "|---|---|---|---|"]
-    for name, r in result.items():
-        reach = "never" if r["iters_to_baseline_fid"] is None else f"{r['iters_to_baseline_fid']:.0f}"
-        speed = "-" if r["speedup"] is None else ("inf" if math.isinf(r["speedup"]) else f"{r['speedup']:.2f}x")
-        lines.append(f"| {name} | {r['final_fid']:.4f} | {reach} | {speed} |")
-    base = next(iter(result.values()))
-    lines.append(f"\nTarget: the baseline's final FID {base['baseline_final_fid']:.4f}, which the baseline first reached "
-                 f"at iteration {base['baseline_iters_to_final_fid']:.0f}; speed-up = that / the strategy's iterations.")
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(curves: dict[str, list[tuple[int, float]]], baseline_fid: float, path) -> None:
-    """FID-vs-iterations of every strategy (log y) with the baseline's final FID as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in sorted(curves.items()):
-        steps, fids = zip(*points)
-        ax.plot(steps, fids, marker="o", ms=3, label=name)
-    ax.axhline(baseline_fid, ls="--", lw=0.8, c="gray", label="baseline final FID")
-    ax.set(yscale="log", xlabel="training iteration", ylabel="FID (featnet)", title="FID vs iterations")
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -83,9 +53,9 @@ def main(argv=None) -> int:
         return 2
     result = speedups(curves, args.baseline)
     write_json({"curves": curves, "result": result}, f"{args.out}.json")
-    write_text(table(result), f"{args.out}.md")
-    plot_curves(curves, result[args.baseline]["final_fid"], f"{args.out}.png")
-    print(table(result))
+    write_text(speedup_table(result), f"{args.out}.md")
+    plot_fid_curves(curves, result[args.baseline]["final_fid"], f"{args.out}.png")
+    print(speedup_table(result))
     return 0
 
 

@@ -1,20 +1,34 @@
-"""Training checkpoints: numbered, atomically written, checked on load, resumed only when the run is the same run."""
+"""Training checkpoints: numbered, atomically written, checked on load, resumed only when the run is the same run.
+
+(The final model file of a run is a pipeline artifact: `stepwise.artifacts.save_model`.)
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from .errors import CheckpointError
 from .io import load_torch, save_torch
 
 CKPT_FORMAT = "stepwise-ckpt/1"
-MODEL_FORMAT = "stepwise-model/1"
+# TrainConfig settings that may change between a run and its resumption without making it a different run.
+RESUME_NEUTRAL = ("steps", "ckpt_every", "keep_checkpoints", "log_every", "device")  # nproc is not: per-rank RNG
 
 
 def fingerprint(*parts) -> str:
     """Stable hash of JSON-serialisable run settings: a checkpoint is resumed only if its fingerprint matches."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_relevant(tcfg) -> dict:
+    """The TrainConfig settings a resumed run must share with its checkpoints (its part of the run fingerprint): all
+    but RESUME_NEUTRAL, and `steps` too when a momentum-decay schedule spans train.steps (more steps: another run)."""
+    neutral = set(RESUME_NEUTRAL)
+    if tcfg.momentum_decay != "none" and "total_steps" not in tcfg.momentum_decay_args:
+        neutral.discard("steps")
+    return {k: v for k, v in asdict(tcfg).items() if k not in neutral}
 
 
 def checkpoint_paths(ckpt_dir) -> list[Path]:
@@ -56,36 +70,6 @@ def load_latest_checkpoint(ckpt_dir, expected_fingerprint: str) -> dict | None:
     if state.get("fingerprint") != expected_fingerprint:
         return None
     return state
-
-
-def save_model(path, *, model_cfg: dict, diffusion_cfg: dict, image_shape, state_dict, ema_state_dict, meta: dict,
-               diffusion_state: dict | None = None):
-    """Write the trained denoiser (raw and EMA weights, plus everything needed to rebuild it) atomically."""
-    save_torch({"format": MODEL_FORMAT, "model": dict(model_cfg), "diffusion": dict(diffusion_cfg),
-                "image_shape": list(image_shape), "state_dict": state_dict, "ema_state_dict": ema_state_dict,
-                "diffusion_state": diffusion_state or {}, "meta": meta}, path)
-
-
-def load_model_file(path) -> dict:
-    """Read a file written by save_model (weights_only=True); CheckpointError if missing, corrupt or foreign."""
-    return load_torch(path, MODEL_FORMAT, hint="Run `dvc repro pretrain` to rebuild it.")
-
-
-def load_denoiser(path, use_ema: bool = True):
-    """Rebuild (model in eval mode, Diffusion, image_shape) from a model file; CheckpointError if it does not fit."""
-    from .diffusion import Diffusion
-    from .models import build_model
-
-    obj = load_model_file(path)
-    c, h, w = obj["image_shape"]
-    diffusion = Diffusion.from_config(obj["diffusion"])
-    model = build_model(obj["model"], image_size=h, channels=c, out_channels=c * diffusion.out_channels_factor)
-    try:
-        model.load_state_dict(obj["ema_state_dict" if use_ema else "state_dict"])
-        diffusion.load_state_dict(obj.get("diffusion_state") or {})
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model it describes ({str(e).splitlines()[0]})") from None
-    return model.eval(), diffusion.eval(), (c, h, w)
 
 
 def load_checkpoint_ema(path, model, diffusion) -> int:

@@ -7,6 +7,7 @@ a's measures how much of the final image is still undecided once the trajectory 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from .diffusion import Diffusion
 from .errors import ConfigError, DataError
+from .io import write_json
 from .router import ExpertRouter
 from .sampling import generate, to_uint8
 
@@ -133,3 +135,24 @@ def split_consistency(model_a: nn.Module, model_b: nn.Module, diffusion: Diffusi
         rows.append({"split_t": int(s), **consistency_report(reference, samples, feature_fn, window_size=window_size)})
     return rows
 
+
+
+EXTRAS_FORMAT = "stepwise-consistency-extras/1"
+
+
+def check_sample_sets(sets: dict[str, torch.Tensor], num_samples: int, window_size: int) -> None:
+    """ConfigError unless every uint8 sample set (N, C, H, W) holds num_samples samples and the images fit the SSIM
+    window (tdc.consistency.num_samples, window_size)."""
+    smallest = min(len(s) for s in sets.values())
+    if num_samples > smallest:
+        raise ConfigError(f"tdc.consistency.num_samples={num_samples} exceeds the {smallest} evaluation samples "
+                          f"(eval.num_samples); lower it")
+    height, width = next(iter(sets.values())).shape[2:]
+    if min(height, width) < window_size:
+        raise ConfigError(f"tdc.consistency.window_size={window_size} exceeds the image size {height}x{width}")
+
+
+def write_extras_index(root, extra_models: dict) -> None:
+    """<root>/extras.json: the extra models trained for the comparison, each at <root>/<name>/model.pt with its spec."""
+    write_json({"format": EXTRAS_FORMAT, "models": {name: {"path": f"{name}/model.pt", **spec}
+                                                    for name, spec in extra_models.items()}}, Path(root) / "extras.json")

@@ -7,20 +7,21 @@ each function computes where the papers are silent.
 """
 from __future__ import annotations
 
+import logging
 import math
-import re
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import to_model_range
 from .diffusion import Diffusion
 from .errors import ConfigError, DataError
 from .sampling import fixed_noise
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, parse_bin_key, t_bin
 from .seeding import derive_seed
 
-BIN_KEY = re.compile(r"^loss_bin/(\d+)$")
+log = logging.getLogger(__name__)
 DEQUANT_VAR = (2 / 255) ** 2 / 12  # variance of uniform dequantisation noise of 8-bit pixels mapped to [-1, 1]
 
 
@@ -104,20 +105,25 @@ def snr_db_at(schedule: NoiseSchedule, timesteps) -> torch.Tensor:
 
 
 def bin_loss_curves(history_rows: list[dict], bins: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(steps (S,), losses (bins, S)) from training-history rows' 'loss_bin/kk' entries; NaN where a bin was empty."""
-    rows = [r for r in history_rows if "step" in r and any(BIN_KEY.match(k) for k in r)]
+    """(steps (S,), losses (bins, S)) from training-history rows' per-t-bin loss entries ('loss_t<lo>-<hi>', written
+    by `schedules.bin_key`), bins ordered by t; NaN where a bin was empty."""
+    ranges = sorted({p[1:] for r in history_rows for key in r if (p := parse_bin_key(key)) and p[0] == "loss"})
+    if not ranges:
+        raise DataError("no history row holds per-t-bin loss entries ('loss_t<lo>-<hi>'); train with "
+                        "train.loss_bins > 0")
+    if ranges[0][0] != 0 or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+        raise DataError(f"the history's t-bins {ranges[:4]}... do not tile [0, T): retrain (dvc repro pretrain)")
+    if bins is not None and bins != len(ranges):
+        raise DataError(f"history has {len(ranges)} t-bins, expected {bins}")
+    index = {r: k for k, r in enumerate(ranges)}
+    binned = [(r, {index[p[1:]]: v for key, v in r.items() if (p := parse_bin_key(key)) and p[0] == "loss"})
+              for r in history_rows]
+    rows = [(r, b) for r, b in binned if "step" in r and b]
     if not rows:
-        raise DataError("no history row holds both 'step' and 'loss_bin/kk' entries; train with train.loss_bins > 0")
-    found = {int(m.group(1)) for r in rows for k in r if (m := BIN_KEY.match(k))}
-    bins = max(found) + 1 if bins is None else bins
-    missing = sorted(set(range(bins)) - found)
-    if bins < 1 or missing:
-        raise DataError(f"history has no 'loss_bin' entries for bin(s) {missing[:8]} of {bins}; "
-                        f"bins present: {sorted(found)[:8]}...")
-    width = max(2, len(str(bins - 1)))
-    steps = torch.tensor([float(r["step"]) for r in rows], dtype=torch.float64)  # (S,)
-    losses = torch.tensor([[float(r.get(f"loss_bin/{k:0{width}d}", r.get(f"loss_bin/{k}", math.nan))) for r in rows]
-                           for k in range(bins)], dtype=torch.float64)  # (bins, S)
+        raise DataError("no history row holds both 'step' and per-t-bin loss entries")
+    steps = torch.tensor([float(r["step"]) for r, _ in rows], dtype=torch.float64)  # (S,)
+    losses = torch.tensor([[float(b.get(k, math.nan)) for _, b in rows] for k in range(len(ranges))],
+                          dtype=torch.float64)  # (bins, S)
     return steps, losses
 
 
@@ -255,3 +261,60 @@ def gradient_similarity(model: nn.Module, diffusion: Diffusion, images: torch.Te
     G = torch.stack(grads)  # (K, P)
     unit = G / G.norm(dim=1, keepdim=True).clamp(min=1e-300)  # (K, P)
     return (unit @ unit.T).clamp(-1, 1).cpu()  # (K, K)
+
+
+# ---- the `profile` stage: every measure on one grid of timesteps -------------------------------------------------
+
+
+def check_profile(pcfg, num_images: int, num_params: int) -> None:
+    """ConfigError if tdc.profile asks for more examples than images or more gradient memory than grad_max_mib."""
+    for key in ("num_examples", "grad_examples"):
+        if getattr(pcfg, key) > num_images:
+            raise ConfigError(f"tdc.profile.{key}={getattr(pcfg, key)} exceeds the {num_images} training images")
+    mib = pcfg.num_timesteps * num_params * 8 / 2**20
+    if mib > pcfg.grad_max_mib:
+        raise ConfigError(f"tdc.profile: the gradient-similarity matrix needs {mib:.0f} MiB of gradients "
+                          f"(num_timesteps={pcfg.num_timesteps} x {num_params} parameters x 8 bytes) > grad_max_mib="
+                          f"{pcfg.grad_max_mib}; lower num_timesteps or raise grad_max_mib")
+
+
+def difficulty_profile(model: nn.Module, diffusion: Diffusion, images: torch.Tensor, history_rows: list[dict],
+                       pcfg) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(columns, similarity) on the grid of tdc.profile.num_timesteps bin-centre timesteps `timestep_grid`.
+
+    Columns (K,) each: t, snr_db, loss_mean / loss_var / log_loss_mean (`per_timestep_loss`), convergence_speed of
+    each t's bin of the training history, rel_entropy_gauss (and rel_entropy_mc with mc_samples), grad_sim_mean (mean
+    similarity to the other grid t) and grad_sim_next (to the next grid t); similarity is `gradient_similarity` (K, K).
+    """
+    T = diffusion.T
+    ts = timestep_grid(T, pcfg.num_timesteps)  # (K,)
+    means, variances = [], []
+    for t in tqdm(ts.tolist(), desc="loss per t"):
+        m, v = per_timestep_loss(model, diffusion, images, [t], num_examples=pcfg.num_examples, seed=pcfg.seed,
+                                 batch_size=pcfg.batch_size)
+        means.append(m)
+        variances.append(v)
+    loss_mean, loss_var = torch.cat(means), torch.cat(variances)  # (K,), (K,)
+    conv_bins = convergence_speed(history_rows, tolerance=pcfg.convergence_tolerance,
+                                  smoothing=pcfg.convergence_smoothing)  # (bins,)
+    conv = conv_bins[t_bin(ts, T, len(conv_bins))]  # (K,)
+    abar = diffusion.schedule.abar
+    mean, var = data_moments(images)
+    columns = {"t": ts, "snr_db": snr_db_at(diffusion.schedule, ts), "loss_mean": loss_mean, "loss_var": loss_var,
+               "log_loss_mean": loss_mean.clamp(min=1e-30).log(), "convergence_speed": conv,
+               "rel_entropy_gauss": relative_entropy(abar, mean, var)[ts]}
+    if pcfg.mc_samples:
+        g = torch.Generator().manual_seed(derive_seed(pcfg.seed, 3))
+        subset = images[torch.randperm(len(images), generator=g)[: pcfg.mc_images]]
+        mc = torch.full((len(ts),), math.nan, dtype=torch.float64)  # (K,): NaN at t = 0 (no data density)
+        for k, t in enumerate(tqdm(ts.tolist(), desc="MC relative entropy")):
+            if t >= 1:
+                mc[k] = relative_entropy_mc(abar, subset, [t], num_samples=pcfg.mc_samples, seed=pcfg.seed)[0]
+        columns["rel_entropy_mc"] = mc
+    log.info("gradient similarity over %d timesteps (%d examples each)", len(ts), pcfg.grad_examples)
+    sim = gradient_similarity(model, diffusion, images, ts, num_examples=pcfg.grad_examples, seed=pcfg.seed)  # (K, K)
+    K = len(ts)
+    off = (sim.sum(1) - sim.diagonal()) / max(K - 1, 1)  # (K,) mean similarity to the other grid timesteps
+    nxt = torch.cat([sim.diagonal(1), sim.diagonal(1)[-1:]]) if K > 1 else torch.ones(1, dtype=sim.dtype)
+    columns.update({"grad_sim_mean": off, "grad_sim_next": nxt})
+    return columns, sim

@@ -101,3 +101,37 @@ def fidelity_metrics(fake: torch.Tensor, real: torch.Tensor, *, extractor: str, 
               "f_score": "f_score"}
     return {f"{short}_{tag}": float(out[k]) for k, short in rename.items() if k in out}
 
+
+
+# ---- FeatNet FID of a model's samples: one point, and the curve over training checkpoints ------------------------
+
+
+def sample_scores(model, diffusion, shape, test_images: torch.Tensor, featnet, num: int, *, device, kid: bool = False,
+                  kid_subset_size: int = 1000, **sampling) -> dict:
+    """fid_featnet (and kid_featnet with `kid`) of `num` samples of `model` drawn by `stepwise.sampling.generate`
+    with the keywords `sampling` (sampler, steps, eta, seed, batch_size), against the uint8 test images."""
+    from .sampling import generate, to_uint8
+
+    images = to_uint8(generate(model.to(device), diffusion.to(device), num, shape, device=device, progress=False,
+                               **sampling))  # (N, C, H, W) uint8
+    return fidelity_metrics(images, test_images, extractor="featnet", weights_path=featnet, fid=True, kid=kid,
+                            prc=False, kid_subset_size=kid_subset_size, cuda=torch.device(device).type == "cuda")
+
+
+def fid_curve(model, diffusion, shape, test_images: torch.Tensor, featnet, ckpt_dir, num: int, *, device,
+              kid: bool = False, kid_subset_size: int = 1000, **sampling) -> list[dict]:
+    """[{'step', 'fid_featnet'[, 'kid_featnet']}] of the EMA weights of every kept training checkpoint in ckpt_dir,
+    oldest first, each scored by `sample_scores` with the same sampling noise; loads them into `model`/`diffusion`.
+    StepwiseError if ckpt_dir holds no checkpoint."""
+    from .checkpoint import checkpoint_paths, load_checkpoint_ema
+    from .errors import StepwiseError
+
+    rows = []
+    for path in checkpoint_paths(ckpt_dir):
+        step = load_checkpoint_ema(path, model, diffusion)
+        rows.append({"step": step, **sample_scores(model, diffusion, shape, test_images, featnet, num, device=device,
+                                                   kid=kid, kid_subset_size=kid_subset_size, **sampling)})
+        log.info("curve: step %d fid_featnet %.4f", step, rows[-1]["fid_featnet"])
+    if not rows:
+        raise StepwiseError(f"{ckpt_dir} holds no training checkpoints for the FID curve; rerun the training stage")
+    return rows

@@ -25,10 +25,15 @@ def groups_from_boundaries(boundaries: list[int]) -> list[tuple[int, int]]:
     return [(int(lo), int(hi)) for lo, hi in zip(boundaries[:-1], boundaries[1:])]
 
 
+def uniform_boundaries(lo: int, hi: int, K: int) -> list[int]:
+    """Boundaries b_i = lo + i (hi - lo) / K, rounded down, i = 0..K, of K equal-width intervals of [lo, hi)."""
+    return [lo + i * (hi - lo) // K for i in range(K + 1)]
+
+
 def uniform_groups(T: int, K: int) -> list[tuple[int, int]]:
     """K equal-width intervals C_i = [iT/K, (i+1)T/K), rounded down (Kim et al., arXiv 2403.10348, DDPM clusters)."""
     check_num_groups(T, K)
-    return groups_from_boundaries([i * T // K for i in range(K + 1)])
+    return groups_from_boundaries(uniform_boundaries(0, T, K))
 
 
 def equal_snr_db_groups(snr_db: torch.Tensor, K: int) -> list[tuple[int, int]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import DataError
 from .io import write_text
-from .schedules import bin_range, parse_bin_key
+from .schedules import parse_bin_key
 from .visualise import empty_panel, figure_png, label_axes, pyplot, series_style
 
 # name: (default path as in dvc.yaml, the stage that writes it, required)
@@ -66,7 +66,6 @@ QUALITY = ("fid", "kid", "precision", "recall", "f_score")  # sample-quality met
 COST = ("macs_per_sample", "images_per_second", "samples_per_second")
 SPEED = ("speedup_vs_unified", "speedup_vs_tdc", "macs_saving_vs_unified", "macs_saving_vs_tdc")
 INTERVAL = "95 % interval"
-LEGACY_BIN = re.compile(r"^loss_bin/(\d+)$")  # plots/pretrain_loss.csv columns written by training.BinStats
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALL_GRID = 480  # px: narrower sample grids are scaled up in the page without smoothing (crisp pixels)
 PRUNE_METRICS = "prune_*.json"  # the per-expert pruning metrics in the prune_metrics folder
@@ -228,11 +227,7 @@ def fmt_count(value) -> str:
 def loss_bins_figure(rows: list[dict], T: int, inputs: Inputs) -> bytes:
     """Training loss of every t-bin over training steps in one chart (log y), each line named by its t-range."""
     header = list(rows[0])
-    legacy = sorted((int(m[1]), c) for c in header if (m := LEGACY_BIN.match(c)))
-    if legacy:
-        bins = [(c, bin_range(k, len(legacy), T)) for k, c in legacy]
-    else:
-        bins = sorted(((c, p[1:]) for c in header if (p := parse_bin_key(c)) and p[0] == "loss"), key=lambda b: b[1])
+    bins = sorted(((c, p[1:]) for c in header if (p := parse_bin_key(c)) and p[0] == "loss"), key=lambda b: b[1])
     steps = column(rows, "step", inputs, "history")
     fig, ax = pyplot().subplots(figsize=(11, 5))
     title = "Training loss per t-bin (unified model)"

@@ -20,7 +20,8 @@ import math
 import torch
 from torch.special import ndtr, ndtri
 
-from .errors import ConfigError
+from .errors import ConfigError, StepwiseError
+from .grouping import uniform_boundaries
 from .schedules import SCHEDULES, NoiseSchedule, meaningful_steps
 
 
@@ -129,11 +130,6 @@ class CLTSSampler(TimestepSampler):
 # Task-difficulty curriculum (Kim et al., arXiv 2403.10348)
 
 
-def cluster_edges(lo: int, hi: int, num_clusters: int) -> list[int]:
-    """Edges of `num_clusters` uniform t-intervals [e_i, e_{i+1}) covering [lo, hi) (Kim et al., arXiv 2403.10348)."""
-    return [lo + i * (hi - lo) // num_clusters for i in range(num_clusters + 1)]
-
-
 class CurriculumSampler(TimestepSampler):
     """Easy-to-hard curriculum over timestep clusters with patience pacing (Kim et al., arXiv 2403.10348, Alg. 1).
 
@@ -160,7 +156,7 @@ class CurriculumSampler(TimestepSampler):
                  and 0 < pacing_fraction <= 1, f"curriculum: pacing_fraction={pacing_fraction!r} must be in (0, 1]")
         self.max_stage_updates = None if total_steps is None else max(1, math.ceil(
             pacing_fraction * _integer("curriculum: total_steps", total_steps, 1) / self.num_clusters))
-        self.edges = cluster_edges(self.lo, self.hi, self.num_clusters)
+        self.edges = uniform_boundaries(self.lo, self.hi, self.num_clusters)
         self.stage, self.ema, self.best, self.bad_updates = 1, None, math.inf, 0
         self.updates, self.transitions = 0, []  # update count and the update index at which each stage began
 
@@ -476,3 +472,41 @@ def build_timestep_sampler(name: str, T: int, seed: int = 0, t_range=None, defau
         return TIMESTEP_SAMPLERS[name](T, seed=seed, t_range=t_range, **kwargs)
     except TypeError as e:
         raise ConfigError(f"timestep sampler {name!r}: {e}") from None
+
+
+class RangeRecorder:
+    """Wraps a TimestepSampler restricted to [lo, hi) (a TDC expert's group): counts every emitted t (kept in its
+    state, so across resumes) and rejects any t outside [lo, hi) the moment it is drawn."""
+
+    def __init__(self, sampler: TimestepSampler, lo: int, hi: int):
+        self.sampler, self.lo, self.hi = sampler, lo, hi
+        self.counts = torch.zeros(sampler.T, dtype=torch.long)  # (T,)
+
+    def probs(self, step: int) -> torch.Tensor:
+        return self.sampler.probs(step)
+
+    def sample(self, batch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t, w = self.sampler.sample(batch, step)  # (B,), (B,)
+        if int(t.min()) < self.lo or int(t.max()) >= self.hi:
+            raise StepwiseError(f"timestep sampler emitted t in [{int(t.min())}, {int(t.max())}] outside the group's "
+                                f"range [{self.lo}, {self.hi}) at step {step}")
+        self.counts += torch.bincount(t.cpu(), minlength=len(self.counts))
+        return t, w
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        self.sampler.update(t, losses)
+
+    def state_dict(self) -> dict:
+        return {"inner": self.sampler.state_dict(), "t_counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["inner"])
+        self.counts.copy_(state["t_counts"])
+
+    def seen(self) -> dict:
+        """{'t_min', 't_max', 't_distinct', 't_draws'} of every timestep emitted so far."""
+        nz = torch.nonzero(self.counts).flatten()
+        if not len(nz):
+            return {"t_min": -1, "t_max": -1, "t_distinct": 0, "t_draws": 0}
+        return {"t_min": int(nz.min()), "t_max": int(nz.max()), "t_distinct": len(nz),
+                "t_draws": int(self.counts.sum())}

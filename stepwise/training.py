@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .checkpoint import checkpoint_paths, load_latest_checkpoint, save_checkpoint
+from .artifacts import save_model
+from .checkpoint import checkpoint_paths, fingerprint, load_latest_checkpoint, resume_relevant, save_checkpoint
 from .config import TrainConfig
 from .data import to_model_range
 from .diffusion import Diffusion
@@ -23,7 +25,8 @@ from .errors import CheckpointError, ConfigError, StepwiseError
 from .io import exclusive_dir_lock
 from .optim_schedules import MomentumDecay
 from .progress import progress as progress_bar
-from .schedules import t_bin
+from .schedules import bin_key, t_bin
+from .models import build_model, count_params
 from .seeding import derive_seed
 from .timestep_samplers import TimestepSampler, build_timestep_sampler
 
@@ -65,8 +68,8 @@ class BinStats:
         for k in range(self.bins):
             if n[k] > 0:
                 mean = s[k] / n[k]
-                out[f"{name}_bin/{k:02d}"] = mean
-                out[f"{name}_var_bin/{k:02d}"] = max(ss[k] / n[k] - mean * mean, 0.0)
+                out[bin_key(k, self.bins, self.T, name)] = mean
+                out[bin_key(k, self.bins, self.T, f"{name}_var")] = max(ss[k] / n[k] - mean * mean, 0.0)
         return out
 
 
@@ -248,3 +251,45 @@ def _train(model, diffusion, images, cfg, ckpt_dir, *, fingerprint, sampler, log
     return {"model": model, "ema": ema.module, "history": history, "resumed_from": resumed_from,
             "sampler": sampler, "images_seen": cfg.steps * cfg.batch_size}
 
+
+def final_loss(history: list[dict]) -> float:
+    """Mean training loss over the last tenth (at least one) of the logged rows."""
+    last = history[-max(1, len(history) // 10):]
+    return sum(r["loss"] for r in last) / len(last)
+
+
+# ---- a denoiser trained from scratch: `pretrain`'s unified model, the extra models of `consistency` --------------
+
+INIT_SEED = 11  # stream of derive_seed(train.seed, ...) that initialises the weights
+
+
+def run_fingerprint(model_cfg: dict, diffusion_cfg: dict, cfg: TrainConfig, data_sha: str) -> str:
+    """Identity of a from-scratch training run: checkpoints resume only into the run with the same fingerprint.
+
+    Includes the seeded weight initialisation (INIT_SEED stream of train.seed), so checkpoints written before weights
+    were seeded, or from another init stream, are not resumed."""
+    init = {"init": "seeded", "init_seed": derive_seed(cfg.seed, INIT_SEED)}
+    return fingerprint(init, model_cfg, diffusion_cfg, resume_relevant(cfg), data_sha)
+
+
+def train_from_scratch(model_cfg: dict, diffusion_cfg: dict, cfg: TrainConfig, images: torch.Tensor, data_sha: str,
+                       out_dir, *, log_fn: LogFn | None = None, meta: dict | None = None) -> dict:
+    """Train a denoiser from weights seeded by (train.seed, INIT_SEED) on uint8 images (N, C, H, W), resumable from
+    out_dir/checkpoints, and save it (rank 0) as out_dir/model.pt with `meta` added to the file's meta.
+
+    Returns train()'s result plus 'fingerprint', 'num_params' and the 'diffusion'.
+    """
+    diffusion = Diffusion.from_config(diffusion_cfg)
+    c = images.shape[1]
+    model = build_model(model_cfg, image_size=images.shape[-1], channels=c,
+                        out_channels=c * diffusion.out_channels_factor, seed=derive_seed(cfg.seed, INIT_SEED))
+    run_id = run_fingerprint(model_cfg, diffusion_cfg, cfg, data_sha)
+    num_params = count_params(model)
+    result = train(model, diffusion, images, cfg, Path(out_dir) / "checkpoints", fingerprint=run_id, log_fn=log_fn)
+    if dist_info()[0] == 0:
+        save_model(Path(out_dir) / "model.pt", model_cfg=model_cfg, diffusion_cfg=diffusion_cfg,
+                   image_shape=images.shape[1:], state_dict=result["model"].state_dict(),
+                   ema_state_dict=result["ema"].state_dict(), diffusion_state=diffusion.state_dict(),
+                   meta={"steps": cfg.steps, "images_seen": result["images_seen"], "fingerprint": run_id,
+                         "data_sha256": data_sha, "num_params": num_params, **(meta or {})})
+    return {**result, "fingerprint": run_id, "num_params": num_params, "diffusion": diffusion}

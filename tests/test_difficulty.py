@@ -1,6 +1,8 @@
 import math
 
 import pytest
+
+from stepwise.schedules import bin_key
 import torch
 from torch import nn
 
@@ -65,7 +67,7 @@ def test_timestep_grid_and_snr_db():
 
 
 def history(decay_steps, steps=range(100, 5001, 100)):
-    return [{"step": s, "loss": 0.0, **{f"loss_bin/{k:02d}": 0.1 + math.exp(-s / tau)
+    return [{"step": s, "loss": 0.0, **{bin_key(k, len(decay_steps), 1000): 0.1 + math.exp(-s / tau)
                                         for k, tau in enumerate(decay_steps)}} for s in steps]
 
 
@@ -73,7 +75,7 @@ def test_convergence_speed_orders_slow_and_fast_bins():
     speed = convergence_speed(history([2000, 200]), smoothing=0.0)
     assert speed.shape == (2,) and speed[0] > speed[1] and 0 < speed[1] and speed[0] <= 1
     # step-function curve: converges exactly when the drop happens
-    rows = [{"step": s, "loss_bin/00": 1.0 if s < 1000 else 0.2} for s in range(100, 4001, 100)]
+    rows = [{"step": s, bin_key(0, 1, 1000): 1.0 if s < 1000 else 0.2} for s in range(100, 4001, 100)]
     assert convergence_speed(rows, smoothing=0.0).item() == pytest.approx(1000 / 4000)
 
 

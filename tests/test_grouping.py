@@ -90,3 +90,10 @@ def test_group_index_and_interpolation():
     prof = interpolate_profile([2, 6], [1.0, 5.0], 9)
     assert prof.tolist() == [1.0, 1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0]
     assert interpolate_profile([3], [[1.0, 2.0]], 4).shape == (4, 2)
+
+
+def test_uniform_boundaries_of_a_sub_range():
+    from stepwise.grouping import uniform_boundaries
+
+    assert uniform_boundaries(0, 10, 3) == [0, 3, 6, 10] == [lo for lo, _ in uniform_groups(10, 3)] + [10]
+    assert uniform_boundaries(20, 40, 4) == [20, 25, 30, 35, 40]

@@ -186,8 +186,8 @@ def test_checkpoints_from_before_seeded_init_are_not_resumed():
     """run_fingerprint covers the weight-init stream: a checkpoint fingerprinted the pre-seeding way never matches."""
     from dataclasses import asdict, replace
 
-    from stages.pretrain import RESUME_NEUTRAL, run_fingerprint
-    from stepwise.checkpoint import fingerprint
+    from stepwise.checkpoint import RESUME_NEUTRAL, fingerprint
+    from stepwise.training import run_fingerprint
     from stepwise.config import TrainConfig
 
     model, diffusion, tcfg = {"name": "unet"}, {"T": 1000}, TrainConfig()

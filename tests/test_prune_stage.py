@@ -34,8 +34,8 @@ def read_json(path):
 
 
 def test_budgets_are_progressive_and_met(pruned_repro):
+    from stepwise.artifacts import load_model
     from stepwise.pruning import count_macs, example_inputs, progressive_budgets
-    from stages.prune import load_pruned
 
     dest, _, pcfg = pruned_repro
     metrics = [read_json(dest / f"metrics/prune_{i}.json") for i in range(K)]
@@ -46,15 +46,15 @@ def test_budgets_are_progressive_and_met(pruned_repro):
     for i, m in enumerate(metrics):
         assert m["macs"] <= m["budget_macs"] * (1 + pcfg.tol)
         assert m["macs"] >= m["budget_macs"] * (1 - 0.1), "well below the budget: the fit wasted capacity"
-        model, _, _, meta = load_pruned(dest / f"models/pruned/{i}/model.pt")
+        model, _, _, meta = load_model(dest / f"models/pruned/{i}/model.pt")
         assert count_macs(model, example_inputs(1, RES)) == m["macs"] == meta["macs_per_forward"]
         assert sum(p.numel() for p in model.parameters()) == m["params"]
     assert metrics[1]["params"] < metrics[1]["full_params"] and metrics[1]["pruned_groups"] > 0
 
 
 def test_pruned_models_reload_weights_only_and_keep_shapes(pruned_repro):
-    from stages.evaluate_tdc import denoiser
-    from stages.prune import PRUNED_FORMAT, load_pruned
+    from stepwise.artifacts import load_model
+    from stepwise.pruning.expert import PRUNED_FORMAT
 
     dest, _, _ = pruned_repro
     groups = read_json(dest / "outputs/groups.json")["groups"]
@@ -63,14 +63,14 @@ def test_pruned_models_reload_weights_only_and_keep_shapes(pruned_repro):
         raw = torch.load(dest / f"models/pruned/{i}/model.pt", weights_only=True)
         spec = raw["meta"]["pruning"]
         assert spec["format"] == PRUNED_FORMAT and raw["model"]["name"] == "unet"
-        model, diffusion, shape, meta = load_pruned(dest / f"models/pruned/{i}/model.pt")
-        expert, _, _, _ = denoiser(dest / f"models/experts/{i}/model.pt", use_ema=True)
+        model, diffusion, shape, meta = load_model(dest / f"models/pruned/{i}/model.pt")
+        expert, _, _, _ = load_model(dest / f"models/experts/{i}/model.pt", use_ema=True)
         assert shape == (1, RES, RES) and (meta["lo"], meta["hi"]) == (groups[i]["lo"], groups[i]["hi"])
         t = torch.tensor([meta["lo"], (meta["lo"] + meta["hi"]) // 2, meta["hi"] - 1])
         with torch.no_grad():
             y = model(x, t)
         assert y.shape == expert(x, t).shape == x.shape and bool(torch.isfinite(y).all())
-        raw_model, _, _, _ = load_pruned(dest / f"models/pruned/{i}/model.pt", use_ema=False)
+        raw_model, _, _, _ = load_model(dest / f"models/pruned/{i}/model.pt", use_ema=False)
         assert raw_model(x, t).shape == x.shape
         if meta["searched"]:
             assert meta["lo"] <= meta["t_min"] <= meta["t_max"] < meta["hi"]  # fine-tuned on its range only
@@ -164,7 +164,7 @@ def test_bad_group_fails_in_one_line(pruned_repro):
 
 
 def test_stale_bank_is_discarded(tmp_path):
-    from stages.prune import prepare_bank
+    from stepwise.pruning.expert import prepare_bank
 
     bank, ident = tmp_path / "bank.json", tmp_path / "search.json"
     assert prepare_bank(bank, ident, {"fingerprint": "a"}) == 0 and json.loads(ident.read_text())["fingerprint"] == "a"
@@ -205,13 +205,14 @@ def test_prune_config_train_and_identity():
 
 
 def test_pruned_file_round_trip_is_exact(tmp_path):
-    """save_model + meta['pruning'] -> load_pruned rebuilds the same function; load_denoiser refuses it clearly."""
-    from stages.prune import PRUNED_FORMAT, load_pruned
-    from stepwise.checkpoint import load_denoiser, save_model
+    """save_model + meta['pruning'] -> load_model (and load_denoiser) rebuild the same function; a foreign record,
+    ratios that do not fit, or pruned weights without a record fail clearly."""
+    from stepwise.artifacts import load_denoiser, load_model, save_model
     from stepwise.diffusion import Diffusion
     from stepwise.errors import CheckpointError
     from stepwise.models import build_model
     from stepwise.pruning import count_macs, example_inputs, prune_to_budget
+    from stepwise.pruning.expert import PRUNED_FORMAT, pruning_record
 
     cfg = {"name": "unet", "base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
            "head_dim": 8}
@@ -220,20 +221,24 @@ def test_pruned_file_round_trip_is_exact(tmp_path):
     full = count_macs(model, inputs)
     pruned, ratios, macs = prune_to_budget(model, 0.5 * full, inputs, "magnitude")
     diffusion = Diffusion("linear", T)
-    spec = {"format": PRUNED_FORMAT, "ratios": ratios, "kept": {}, "ignored": [], "importance": "magnitude"}
-    save_model(tmp_path / "model.pt", model_cfg=cfg, diffusion_cfg={"schedule": "linear", "T": T},
-               image_shape=(1, RES, RES), state_dict=pruned.state_dict(), ema_state_dict=pruned.state_dict(),
-               diffusion_state=diffusion.state_dict(), meta={"pruning": spec})
-    loaded, _, shape, _ = load_pruned(tmp_path / "model.pt")
+
+    def save(name, meta):
+        save_model(tmp_path / name, model_cfg=cfg, diffusion_cfg={"schedule": "linear", "T": T},
+                   image_shape=(1, RES, RES), state_dict=pruned.state_dict(), ema_state_dict=pruned.state_dict(),
+                   diffusion_state=diffusion.state_dict(), meta=meta)
+        return tmp_path / name
+
+    spec = pruning_record(ratios, {}, [], "magnitude")
+    assert spec["format"] == PRUNED_FORMAT
+    loaded, _, shape, meta = load_model(save("model.pt", {"pruning": spec}))
     x, t = torch.randn(2, 1, RES, RES), torch.tensor([3, 70])
     with torch.no_grad():
         assert torch.equal(loaded(x, t), pruned.eval()(x, t)) and shape == (1, RES, RES)
-    assert count_macs(loaded, inputs) == macs <= 0.5 * full * 1.02
-    with pytest.raises(CheckpointError, match="weights do not fit"):
-        load_denoiser(tmp_path / "model.pt")
-    spec["ratios"] = {"no_such_group": 0.5}
-    save_model(tmp_path / "bad.pt", model_cfg=cfg, diffusion_cfg={"schedule": "linear", "T": T},
-               image_shape=(1, RES, RES), state_dict=pruned.state_dict(), ema_state_dict=pruned.state_dict(),
-               meta={"pruning": spec})
+        assert torch.equal(load_denoiser(tmp_path / "model.pt")[0](x, t), loaded(x, t))
+    assert count_macs(loaded, inputs) == macs <= 0.5 * full * 1.02 and meta["pruning"] == spec
+    with pytest.raises(CheckpointError, match="weights do not fit the model it describes"):
+        load_model(save("unrecorded.pt", {}))
+    with pytest.raises(CheckpointError, match="pruning record has format 'other/1'"):
+        load_model(save("foreign.pt", {"pruning": {**spec, "format": "other/1"}}))
     with pytest.raises(CheckpointError, match="do not fit the model rebuilt from its config and pruning ratios"):
-        load_pruned(tmp_path / "bad.pt")
+        load_model(save("bad.pt", {"pruning": {**spec, "ratios": {"no_such_group": 0.5}}}))

@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from stepwise.diffusion import Diffusion
 from stepwise.errors import ConfigError
+from stepwise.flops import module_macs
 from stepwise.models.dit import DiT
 from stepwise.models.unet import AttnBlock, Downsample, UNet, Upsample
 from stepwise.pruning import (
@@ -63,11 +63,18 @@ def test_progressive_budgets_invalid(kwargs, match):
         progressive_budgets(**args)
 
 
-def test_count_macs_adds_attention_products():
-    m = tiny_unet()
-    module_macs, _ = tp.utils.count_ops_and_params(m, INPUTS)
-    # four AttnBlocks at 8x8 with 32 channels (down, mid, two up): QK^T + AV = 2 * (HW)^2 * C each
-    assert count_macs(m, INPUTS) - module_macs == 4 * 2 * 64**2 * 32
+def test_count_macs_counts_products_not_elementwise_work():
+    # AttnBlock(16) on 8x8: qkv 1x1 conv 64*16*48, proj 64*16*16, QK^T + AV 2 * (HW)^2 * C; GroupNorm, biases: none
+    block = AttnBlock(16, head_dim=8)
+    inputs = (torch.zeros(1, 16, 8, 8), torch.zeros(1))
+    assert count_macs(block, inputs) == 64 * 16 * 48 + 64 * 16 * 16 + 2 * 64**2 * 16
+    total, own = module_macs(block, inputs)
+    assert total == sum(own.values()) and own == {"qkv": 64 * 16 * 48, "proj": 64 * 16 * 16, "": 2 * 64**2 * 16}
+    # timm Attention (DiT) on 16 tokens of width 32, 2 heads: its products count whatever kernel runs them
+    dit = tiny_dit()
+    total, own = module_macs(dit, INPUTS)
+    assert own["blocks.0.attn"] == 2 * 16**2 * 32 and own["blocks.0.attn.qkv"] == 16 * 32 * 96
+    assert total == count_macs(dit, INPUTS) == sum(own.values())
 
 
 @pytest.mark.parametrize("importance", ["random", "magnitude"])

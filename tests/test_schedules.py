@@ -48,3 +48,12 @@ def test_q_sample_formula():
 def test_unknown_schedule():
     with pytest.raises(ConfigError, match="valid: \\['cosine', 'linear'\\]"):
         NoiseSchedule("quadratic", 10)
+
+
+def test_t_bins_and_their_metric_keys():
+    from stepwise.schedules import bin_key, parse_bin_key, t_bin
+
+    # floor(t * 3 / 10): bins [0, 4), [4, 7), [7, 10) of T = 10
+    assert t_bin(torch.arange(10), 10, 3).tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [bin_key(k, 3, 10) for k in range(3)] == ["loss_t0-3", "loss_t4-6", "loss_t7-9"]
+    assert bin_key(2, 3, 10, "x0err_v") == "x0err_v_t7-9" and parse_bin_key("x0err_v_t7-9") == ("x0err_v", 7, 10)

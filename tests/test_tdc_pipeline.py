@@ -15,7 +15,7 @@ from stepwise.config import parse
 from stepwise.errors import ConfigError, StepwiseError
 from stepwise.grouping import group_index, groups_from_dict, validate_groups
 from stepwise.tdc_config import ClusterConfig, ConsistencyConfig, FinetuneConfig, num_groups
-from stepwise.timestep_samplers import build_timestep_sampler
+from stepwise.timestep_samplers import RangeRecorder, build_timestep_sampler
 
 K, T, STEPS, BATCH = 2, 100, 5, 32  # the ci preset: tdc.num_groups, diffusion.T, tdc.finetune.steps, train.batch_size
 
@@ -77,7 +77,7 @@ def test_experts_trained_only_in_their_range(tdc_repro):
 
 
 def test_router_covers_every_timestep(tdc_repro):
-    from stages.evaluate_tdc import load_router
+    from stepwise.tdc import load_router
 
     dest, _ = tdc_repro
     router, diffusion, _, metas, _ = load_router(dest / "outputs/groups.json", dest / "models/experts",
@@ -205,8 +205,6 @@ def test_config_errors_are_one_clear_message():
 
 
 def test_range_recorder_rejects_and_remembers():
-    from stages.finetune import RangeRecorder
-
     rec = RangeRecorder(build_timestep_sampler("uniform", 100, seed=0, t_range=(20, 40)), 20, 40)
     t, _ = rec.sample(64, 0)
     assert 20 <= int(t.min()) and int(t.max()) < 40 and rec.seen()["t_draws"] == 64

@@ -86,7 +86,10 @@ def test_loss_decreases_and_bins_logged(tmp_path):
     r = run(tmp_path, 30, lr=3e-3)
     h = r["history"]
     assert h[-1]["loss"] < h[0]["loss"]
-    assert any(k.startswith("loss_bin/") for k in h[-1]) and any(k.startswith("loss_var_bin/") for k in h[-1])
+    from stepwise.schedules import parse_bin_key
+
+    names = {p[0] for k in h[-1] if (p := parse_bin_key(k))}
+    assert names == {"loss", "loss_var"} and "loss_t00-04" in {k for row in h for k in row}  # T = 50, 10 bins
 
 
 @pytest.mark.parametrize("diff,over", [

@@ -1,7 +1,8 @@
 """TDC-style pruning of timestep-group experts (arXiv 2312.13307): progressive MACs budgets, channel importances
 (random, magnitude, Taylor, Diff-Pruning), structural pruning with Torch-Pruning, and the multi-round proxy search.
 See docs/methods.md."""
-from .budgets import DIRECTIONS, count_macs, example_inputs, progressive_budgets
+from ..flops import count_macs, example_inputs
+from .budgets import DIRECTIONS, progressive_budgets
 from .fit import prune_to_budget
 from .importance import IMPORTANCES, GradientBatch, Scorer, make_scorer
 from .proposers import (

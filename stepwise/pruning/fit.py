@@ -1,18 +1,17 @@
 """Fitting a pruning decision to a MACs budget: scale the decision's ratios by one factor alpha found by bisection.
 
-MACs are predicted from channel counts (a conv/linear layer costs in x out, a norm or attention product scales with
-its width), which makes the bisection free; the pruned model's MACs are then measured, and if they exceed the
+MACs (`stepwise.flops`) are predicted from channel counts (a conv/linear layer costs in x out, the attention products
+scale with the attention width), which makes the bisection free; the pruned model's MACs are then measured, and if they exceed the
 budget by more than `tol` the prediction's target is tightened by the measured excess and the fit repeated.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from timm.models.vision_transformer import Attention
 from torch import nn
 
 from ..errors import ConfigError
-from .budgets import attention_macs, count_macs, layer_macs
+from ..flops import count_macs, module_macs
 from .importance import GradientBatch, Scorer, make_scorer
 from .structural import (
     ChannelGroup,
@@ -28,37 +27,33 @@ class MacsModel:
     """The full model's MACs and, per counted term, its MACs, the layer whose channels it scales with, their counts."""
 
     full: float
-    terms: list[tuple[float, str, dict[str, int]]]  # (MACs, layer name, {"in" | "out" | "ch": channels})
+    terms: list[tuple[float, str, dict[str, int]]]  # (MACs, layer name, {"in" | "out": channels})
 
 
 def layer_sizes(module: nn.Module) -> dict[str, int]:
-    """Channel counts a layer's MACs scale with: conv/linear in x out, norms their channels."""
+    """Channel counts a conv/linear layer's MACs scale with: in x out."""
     if isinstance(module, nn.modules.conv._ConvNd):
         return {"in": module.in_channels, "out": module.out_channels}
     if isinstance(module, nn.Linear):
         return {"in": module.in_features, "out": module.out_features}
-    if isinstance(module, nn.GroupNorm):
-        return {"ch": module.num_channels}
-    if isinstance(module, nn.LayerNorm):
-        return {"ch": module.normalized_shape[-1]}
     return {}
 
 
 def counted_term(name: str, module: nn.Module) -> tuple[str, dict[str, int]]:
-    """The layer a counted module's MACs scale with; a whole timm Attention is approximated by its qkv (in x out)."""
-    if isinstance(module, Attention):
-        return f"{name}.qkv", layer_sizes(module.qkv)
-    return name, layer_sizes(module)
+    """The layer a module's own MACs scale with: a conv/linear layer itself; an attention module (UNet AttnBlock,
+    timm Attention) owns the products QK^T and AV, linear in the attention width = its output projection's input."""
+    sizes = layer_sizes(module)
+    if not sizes and isinstance(getattr(module, "proj", None), nn.Module) and layer_sizes(module.proj):
+        return f"{name}.proj", {"in": layer_sizes(module.proj)["in"]}
+    return name, sizes
 
 
 def macs_model(model: nn.Module, inputs: tuple) -> MacsModel:
-    """Measure the full model once: total MACs (module counter + AttnBlock products) split into scalable terms."""
-    total, per_layer = layer_macs(model, inputs)
+    """Measure the full model once: its MACs split into terms by the module that runs them (`module_macs`)."""
+    total, own = module_macs(model, inputs)
     modules = dict(model.named_modules())
-    terms = [(m, *counted_term(n, modules[n])) for n, m in per_layer.items()]
-    products = attention_macs(model, inputs)
-    terms += [(m, f"{n}.proj", {"in": modules[n].proj.in_channels}) for n, m in products.items()]
-    return MacsModel(total + sum(products.values()), [t for t in terms if t[2]])
+    terms = [(macs, *counted_term(name, modules[name])) for name, macs in own.items()]
+    return MacsModel(total, [t for t in terms if t[2]])
 
 
 @dataclass

@@ -1,0 +1,103 @@
+"""Evaluating denoisers the way the evaluate stages do: sampling with the `sample` settings (the same x_T and
+per-step noise for every model), FID/KID/PR against the test split in FeatNet features (and Inception-v3's when its
+weights are found), reuse of scores an earlier stage stored, and wall-clock sampling throughput.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .artifacts import load_samples, save_samples
+from .errors import ConfigError, DataError
+from .fidelity import INCEPTION_WEIGHTS, fidelity_metrics, find_inception_weights
+from .sampling import generate, to_uint8
+from .visualise import save_grid
+
+log = logging.getLogger(__name__)
+
+
+def amp_dtype(device: torch.device):
+    """bf16 autocast for sampling on CUDA, none elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def sample(model, diffusion, shape, scfg, num: int, device, progress: bool = True) -> torch.Tensor:
+    """`num` uint8 samples (N, C, H, W) of `model` drawn with the sample settings `scfg` (a SampleConfig)."""
+    return to_uint8(generate(model.to(device), diffusion.to(device), num, shape, sampler=scfg.sampler,
+                             steps=scfg.steps, eta=scfg.eta, seed=scfg.seed, batch_size=scfg.batch_size,
+                             device=device, amp_dtype=amp_dtype(device), progress=progress))
+
+
+def sample_and_save(model, diffusion, shape, scfg, num: int, device, out) -> tuple[torch.Tensor, float]:
+    """`sample`, then write <out>/samples.pt and <out>/grid.png: (uint8 images, sampling seconds)."""
+    t0 = time.time()
+    images = sample(model, diffusion, shape, scfg, num, device)  # (N, C, H, W) uint8
+    seconds = time.time() - t0
+    save_samples(images, scfg, Path(out) / "samples.pt")
+    save_grid(images[: scfg.grid_size**2], Path(out) / "grid.png", nrow=scfg.grid_size)
+    return images, seconds
+
+
+def inception_weights(ecfg) -> Path | None:
+    """eval.inception resolved (`find_inception_weights`); says once in the log when the *_inception metrics are
+    skipped for want of the weights."""
+    path = find_inception_weights(ecfg.inception)
+    if path is None:
+        log.info("Inception-v3 weights (%s) not found: skipping *_inception metrics. Set eval.inception to the file's "
+                 "path, or place it in the torch hub cache, to compute them.", INCEPTION_WEIGHTS)
+    return path
+
+
+def scores(images: torch.Tensor, test_images: torch.Tensor, ecfg, featnet, inception, device) -> dict:
+    """eval's FID/KID/PR of uint8 samples against the test images in FeatNet features, and Inception's if given."""
+    kw = dict(fid=ecfg.fid, kid=ecfg.kid, prc=ecfg.prc, kid_subset_size=ecfg.kid_subset_size,
+              cuda=device.type == "cuda")
+    out = fidelity_metrics(images, test_images, extractor="featnet", weights_path=featnet, **kw)
+    if inception:
+        out.update(fidelity_metrics(images, test_images, extractor="inception", weights_path=inception, **kw))
+    return out
+
+
+def stored_scores(samples_path, metrics_path, prefix: str, scfg, num: int, required: str) -> dict | None:
+    """A model's scores from an earlier evaluate stage (metrics `<prefix><name>`), or None unless its stored samples
+    were drawn with the current (sampler, steps, seed) and number of samples and the scores include `required`."""
+    if not Path(samples_path).is_file() or not Path(metrics_path).is_file():
+        return None
+    try:
+        images = load_samples(samples_path, scfg)
+    except (ConfigError, DataError) as e:
+        log.info("not reusing %s: %s", samples_path, e)
+        return None
+    if len(images) != num:
+        log.info("not reusing %s: %d samples, eval.num_samples=%d", samples_path, len(images), num)
+        return None
+    metrics = json.loads(Path(metrics_path).read_text())
+    found = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    return found if required in found else None
+
+
+def throughput(models: dict, diffusion, shape, scfg, samples: int, repeats: int, device) -> dict:
+    """Images/s of each model: `samples` images at batch min(sample.batch_size, samples), `repeats` repeats
+    interleaved across the models, the fastest repeat kept."""
+    batch = min(scfg.batch_size, samples)
+    best = {name: math.inf for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            generate(model.to(device), diffusion.to(device), samples, shape, sampler=scfg.sampler, steps=scfg.steps,
+                     eta=scfg.eta, seed=scfg.seed, batch_size=batch, device=device, progress=False,
+                     amp_dtype=amp_dtype(device))  # returns on the CPU: synced
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: samples / seconds for name, seconds in best.items()}
+
+
+def score_deltas(scores: dict[str, dict], model: str, others) -> dict:
+    """{'delta_<model>_vs_<other>/<metric>': scores[model][metric] - scores[other][metric]} for each other model and
+    each metric both have (lower FID/KID is better: a negative delta favours `model`)."""
+    return {f"delta_{model}_vs_{other}/{k}": v - scores[other][k] for other in others
+            for k, v in scores[model].items() if k in scores[other]}
