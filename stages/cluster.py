@@ -12,29 +12,26 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stepwise.artifacts import read_table, table_columns
-from stepwise.config import DiffusionConfig, parse
 from stepwise.grouping import groups_to_dict
 from stepwise.io import write_json
 from stepwise.schedules import NoiseSchedule
 from stepwise.tdc import tdc_groups
-from stepwise.tdc_config import ClusterConfig, num_groups
 from stepwise.visualise import plot_groups
 
-from .common import ARTIFACTS, add_paths, load_params, run_stage, section, stage_run
+from stepwise.tracking import stage_run
+
+from .common import ARTIFACTS, add_paths, run_stage
 
 log = logging.getLogger("stepwise.cluster")
 
 
-def main(args) -> None:
-    params = load_params(args.params)
-    dcfg = parse(DiffusionConfig, section(params, "diffusion"), "diffusion")
-    K = num_groups(section(params, "tdc"), dcfg.T)
-    ccfg = parse(ClusterConfig, section(params, "tdc", "cluster"), "tdc.cluster")
+def main(args, cfg) -> None:
+    dcfg, K, ccfg = cfg.diffusion, cfg.tdc.num_groups, cfg.tdc.cluster
     profile, similarity = (table_columns(read_table(Path(args.profile) / name, "dvc repro profile"))
                            for name in ("profile.csv", "similarity.csv"))
     snr_db = NoiseSchedule(dcfg.schedule, dcfg.T).snr_db().double()  # (T,)
     groups = tdc_groups(ccfg, K, dcfg.T, snr_db, profile, similarity)
-    with stage_run("cluster", params, {"tdc": {"num_groups": K, "cluster": asdict(ccfg)}}) as run:
+    with stage_run("cluster", cfg.raw, {"tdc": {"num_groups": K, "cluster": asdict(ccfg)}}) as run:
         record = groups_to_dict(groups, dcfg.T, ccfg.method, snr_db=snr_db, schedule=dcfg.schedule,
                                 signal=ccfg.signal if ccfg.method == "dp" else None,
                                 snr_db_range=ccfg.snr_db_range, standardise=ccfg.standardise)

@@ -18,7 +18,7 @@ from stepwise.io import write_json, write_text
 from stepwise.speedup import speedup_table, speedups
 from stepwise.visualise import plot_fid_curves
 
-from .common import EXPERIMENT, tracking_uri
+from stepwise.tracking import EXPERIMENT, tracking_uri
 
 
 def collect_curves(client, exp_id: str) -> dict[str, list[tuple[int, float]]]:

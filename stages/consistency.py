@@ -17,41 +17,40 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from stepwise.artifacts import load_denoiser, load_model_file, load_samples, train_sha, write_table
-from stepwise.config import SampleConfig, TrainConfig, parse
+from dataclasses import replace
+
+from stepwise.config import parse_model
 from stepwise.consistency import (check_sample_sets, consistency_report, featnet_feature_fn, split_consistency,
                                   write_extras_index)
 from stepwise.data import load_split, to_model_range
 from stepwise.evaluation import amp_dtype, sample
 from stepwise.featnet import load_featnet
 from stepwise.tdc import load_router
-from stepwise.tdc_config import ConsistencyConfig, num_groups
 from stepwise.training import resolve_device, train_from_scratch
 from stepwise.visualise import pair_grid, plot_split
 
-from .common import add_paths, load_params, report_metrics, run_stage, section, stage_run
+from stepwise.tracking import stage_run
+
+from .common import add_paths, report_metrics, run_stage
 
 log = logging.getLogger("stepwise.consistency")
 
 
-def main(args) -> None:
-    params = load_params(args.params)
-    scfg = parse(SampleConfig, section(params, "sample"), "sample")
-    ccfg = parse(ConsistencyConfig, section(params, "tdc", "consistency"), "tdc.consistency")
-    K = num_groups(section(params, "tdc"))
+def main(args, cfg) -> None:
+    scfg, ccfg, K = cfg.sample, cfg.tdc.consistency, cfg.tdc.num_groups
     sets = {name: load_samples(Path(path) / "samples.pt", scfg) for name, path in
             (("unified", args.unified_samples), ("tdc", args.tdc_samples), ("continued", args.continued_samples))}
     check_sample_sets(sets, ccfg.num_samples, ccfg.window_size)
-    train_section = section(params, "train")
-    extras = {name: (spec.get("model") or section(params, "model"), parse(
-        TrainConfig, {**train_section, "seed": spec.get("seed", train_section.get("seed", 0))},
-        f"tdc.consistency.extra_models.{name}")) for name, spec in ccfg.extra_models.items()}
+    extras = {name: (asdict(parse_model(spec["model"]) if "model" in spec else cfg.model),
+                     replace(cfg.train, seed=spec.get("seed", cfg.train.seed)))
+              for name, spec in ccfg.extra_models.items()}
     device = resolve_device("auto")
     router, diffusion, shape, _, _ = load_router(args.groups, args.experts, args.unified, K, scfg.use_ema)
     continued = load_denoiser(args.continued, scfg.use_ema)[0]
     diffusion = diffusion.to(device)
     feature_fn = featnet_feature_fn(load_featnet(args.featnet)[0]) if ccfg.feature_distance else None
     out, n = Path(args.out), ccfg.num_samples
-    with stage_run("consistency", params, {"tdc": {"consistency": asdict(ccfg)}, "sample": asdict(scfg)}) as run:
+    with stage_run("consistency", cfg.raw, {"tdc": {"consistency": asdict(ccfg)}, "sample": asdict(scfg)}) as run:
         models = {"unified": router.fallback, "tdc": router, "continued": continued}
         for name, (model_cfg, tcfg) in extras.items():  # from scratch, resumable under <extras>/<name>
             images, _, _ = load_split(f"{args.data}/train.pt")

@@ -14,24 +14,22 @@ from stepwise.data import load_split
 from stepwise.evaluation import inception_weights, sample_and_save, scores
 from stepwise.featnet import load_featnet
 from stepwise.fidelity import fid_curve
-from stepwise.params import validate_params
 from stepwise.training import resolve_device
+from stepwise.tracking import stage_run
 
-from .common import ARTIFACTS, add_paths, load_params, report_metrics, run_stage, stage_run
+from .common import ARTIFACTS, add_paths, report_metrics, run_stage
 
 log = logging.getLogger("stepwise.evaluate")
 
 
-def main(args) -> None:
-    params = load_params(args.params)
-    cfg = validate_params(params, ("sample", "eval"))
-    scfg, ecfg = cfg["sample"], cfg["eval"]
+def main(args, cfg) -> None:
+    scfg, ecfg = cfg.sample, cfg.eval
     inception = inception_weights(ecfg)
     model, diffusion, shape = load_denoiser(args.model, use_ema=scfg.use_ema)
     test_images, _, _ = load_split(f"{args.data}/test.pt")
     load_featnet(args.featnet)  # a missing or corrupt feature network fails here, before sampling
     device = resolve_device("auto")
-    with stage_run("evaluate", params, {"sample": asdict(scfg), "eval": asdict(ecfg)}) as run:
+    with stage_run("evaluate", cfg.raw, {"sample": asdict(scfg), "eval": asdict(ecfg)}) as run:
         images, seconds = sample_and_save(model, diffusion, shape, scfg, ecfg.num_samples, device, args.out)
         metrics = scores(images, test_images, ecfg, args.featnet, inception, device)
         metrics.update({"num_samples": ecfg.num_samples, "sampling_seconds": seconds,

@@ -15,32 +15,28 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stepwise.artifacts import read_metrics, write_table
-from stepwise.config import EvalConfig, SampleConfig, parse
 from stepwise.data import load_split
 from stepwise.errors import ConfigError
 from stepwise.evaluation import inception_weights, sample, sample_and_save, scores, stored_scores, throughput
 from stepwise.featnet import load_featnet
-from stepwise.prune_config import PruneEvalConfig
 from stepwise.sampling import timestep_subsequence
 from stepwise.tdc import (ENSEMBLES, GOAL_MACS_SAVING, GOAL_METRIC, load_pruned_router, load_router,
                           pruned_ensemble_metrics, sampling_macs)
-from stepwise.tdc_config import num_groups
 from stepwise.training import resolve_device
+from stepwise.tracking import stage_run
 
-from .common import add_paths, load_params, report_metrics, run_stage, section, stage_run
+from .common import add_paths, report_metrics, run_stage
 
 log = logging.getLogger("stepwise.evaluate_pruned")
 
 
-def main(args) -> None:
-    params = load_params(args.params)
-    scfg = parse(SampleConfig, section(params, "sample"), "sample")
-    ecfg = parse(EvalConfig, section(params, "eval"), "eval")
-    pecfg = parse(PruneEvalConfig, section(params, "tdc", "prune_eval"), "tdc.prune_eval")
+def main(args, cfg) -> None:
+    scfg, ecfg = cfg.sample, cfg.eval
+    pecfg = cfg.tdc.prune_eval
     if not ecfg.fid:
         raise ConfigError("eval.fid=false: evaluate_pruned needs FID for its goal check; set eval.fid=true")
     inception = inception_weights(ecfg)
-    K = num_groups(section(params, "tdc"))
+    K = cfg.tdc.num_groups
     router, diffusion, shape, _, _ = load_router(args.groups, args.experts, args.unified, K, scfg.use_ema)
     pruned, pruned_metas = load_pruned_router(args.pruned, args.experts, router, scfg.use_ema)
     test_images, _, _ = load_split(f"{args.data}/test.pt")
@@ -50,7 +46,7 @@ def main(args) -> None:
     ts = timestep_subsequence(diffusion.T, scfg.steps)  # (S,)
     per_step, pruned_macs, full = sampling_macs(router, pruned, pruned_metas, shape, ts)
     device = resolve_device("auto")
-    with stage_run("evaluate_pruned", params, {"sample": asdict(scfg), "eval": asdict(ecfg),
+    with stage_run("evaluate_pruned", cfg.raw, {"sample": asdict(scfg), "eval": asdict(ecfg),
                                                "tdc": {"prune_eval": asdict(pecfg), "num_groups": K}}) as run:
         metrics = {"num_samples": ecfg.num_samples, "sampling_steps": len(ts)}
         images, seconds = sample_and_save(pruned, diffusion, shape, scfg, ecfg.num_samples, device, args.out)

@@ -13,26 +13,23 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stepwise.artifacts import load_model, read_metrics
-from stepwise.config import EvalConfig, SampleConfig, parse
 from stepwise.data import load_split
 from stepwise.errors import ConfigError
 from stepwise.evaluation import inception_weights, sample_and_save, score_deltas, scores
 from stepwise.tdc import compute_accounting, expert_coverage, load_router
-from stepwise.tdc_config import num_groups
 from stepwise.training import resolve_device
+from stepwise.tracking import stage_run
 
-from .common import ARTIFACTS, add_paths, load_params, report_metrics, run_stage, section, stage_run
+from .common import ARTIFACTS, add_paths, report_metrics, run_stage
 
 log = logging.getLogger("stepwise.evaluate_tdc")
 
 
-def main(args) -> None:
-    params = load_params(args.params)
-    scfg = parse(SampleConfig, section(params, "sample"), "sample")
-    ecfg = parse(EvalConfig, section(params, "eval"), "eval")
+def main(args, cfg) -> None:
+    scfg, ecfg = cfg.sample, cfg.eval
     inception = inception_weights(ecfg)
     router, diffusion, shape, expert_metas, unified_meta = load_router(
-        args.groups, args.experts, args.unified, num_groups(section(params, "tdc")), scfg.use_ema)
+        args.groups, args.experts, args.unified, cfg.tdc.num_groups, scfg.use_ema)
     continued, _, cshape, continued_meta = load_model(args.continued, scfg.use_ema)
     if tuple(cshape) != tuple(shape):
         raise ConfigError(f"{args.continued} has image shape {cshape}, the unified model {shape}: "
@@ -40,7 +37,7 @@ def main(args) -> None:
     unified_metrics = read_metrics(args.unified_metrics, "dvc repro evaluate")
     test_images, _, _ = load_split(f"{args.data}/test.pt")
     device = resolve_device("auto")
-    with stage_run("evaluate_tdc", params, {"sample": asdict(scfg), "eval": asdict(ecfg)}) as run:
+    with stage_run("evaluate_tdc", cfg.raw, {"sample": asdict(scfg), "eval": asdict(ecfg)}) as run:
         metrics = {"expert_coverage": expert_coverage(router, diffusion.T), "num_samples": ecfg.num_samples}
         found = {}
         for name, model, out in (("tdc", router, args.out_tdc), ("continued", continued, args.out_continued)):

@@ -6,20 +6,19 @@ from dataclasses import asdict
 
 from stepwise.data import load_split
 from stepwise.featnet import save_featnet, train_featnet
-from stepwise.params import validate_params
+from stepwise.tracking import stage_run
 from stepwise.training import resolve_device
 
-from .common import ARTIFACTS, add_paths, load_params, report_metrics, run_stage, stage_run
+from .common import ARTIFACTS, add_paths, report_metrics, run_stage
 
 log = logging.getLogger("stepwise.featnet")
 
 
-def main(args) -> None:
-    params = load_params(args.params)
-    cfg = validate_params(params, ("eval",))["eval"].featnet
+def main(args, config) -> None:
+    cfg = config.eval.featnet
     images, labels, classes = load_split(f"{args.data}/train.pt")
     test_images, test_labels, _ = load_split(f"{args.data}/test.pt")
-    with stage_run("featnet", params, {"eval.featnet": asdict(cfg)}) as run:
+    with stage_run("featnet", config.raw, {"eval.featnet": asdict(cfg)}) as run:
         net, acc = train_featnet(images, labels, test_images, test_labels, len(classes), cfg,
                                  device=resolve_device("auto"))
         save_featnet(net.cpu(), args.out, {"test_accuracy": acc, "classes": classes})

@@ -15,22 +15,19 @@ import logging
 from pathlib import Path
 
 from stepwise.artifacts import load_groups, load_model_file
-from stepwise.config import parse
 from stepwise.errors import ConfigError
 from stepwise.seeding import run_seed
 from stepwise.tdc import finetune_job, finetune_params, run_finetune
-from stepwise.tdc_config import FinetuneConfig, num_groups
+from stepwise.tracking import stage_run
 
-from .common import add_paths, load_params, report_metrics, run_stage, section, stage_run
+from .common import add_paths, report_metrics, run_stage
 
 log = logging.getLogger("stepwise.finetune")
 
 
-def main(args) -> None:
-    params = load_params(args.params)
-    fcfg = parse(FinetuneConfig, section(params, "tdc", "finetune"), "tdc.finetune")
+def main(args, cfg) -> None:
+    fcfg, K = cfg.tdc.finetune, cfg.tdc.num_groups
     T = int(load_model_file(args.unified)["diffusion"]["T"])
-    K = num_groups(section(params, "tdc"), T)
     if args.continue_unified:
         stage, group, t_range, steps = "continue_unified", -1, (0, T), K * fcfg.steps
     else:
@@ -38,9 +35,9 @@ def main(args) -> None:
             raise ConfigError(f"--group {args.group} is not a group index: tdc.num_groups={K}")
         stage, group, steps = f"finetune@{args.group}", args.group, fcfg.steps
         t_range = load_groups(args.groups, K, T)[group]
-    tcfg = fcfg.train_config(section(params, "train"), seed=run_seed(fcfg.seed, group), steps=steps)
-    job = finetune_job(args.unified, args.data, tcfg, group, t_range, fcfg.init)
-    with stage_run(stage, params, finetune_params(job, fcfg, K)) as run:
+    tcfg = fcfg.train_config(cfg.train, seed=run_seed(fcfg.seed, group), steps=steps)
+    job = finetune_job(args.unified, args.data, tcfg, group, t_range, fcfg.init, fcfg.ema_start)
+    with stage_run(stage, cfg.raw, finetune_params(job, fcfg, K)) as run:
         run.set_tags(job.tags)
         metrics = run_finetune(job, args.out, stage, run.log_metrics)
         report_metrics(run, metrics, args.metrics, log, exclude=("group", "lo", "hi"))

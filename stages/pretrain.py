@@ -13,26 +13,23 @@ from pathlib import Path
 from stepwise.artifacts import records_table, train_sha, write_table
 from stepwise.data import load_split
 from stepwise.distributed import dist_info, init_from_env
-from stepwise.params import validate_params
+from stepwise.tracking import rank_zero_run
 from stepwise.training import final_loss, run_fingerprint, train_from_scratch
 
-from .common import (ARTIFACTS, add_paths, load_params, rank_zero_run, relaunch_under_torchrun, report_metrics,
-                     run_stage)
+from .common import ARTIFACTS, add_paths, relaunch_under_torchrun, report_metrics, run_stage
 
 log = logging.getLogger("stepwise.pretrain")
 
 
-def main(args) -> None:
-    params = load_params(args.params)
-    cfg = validate_params(params, ("model", "diffusion", "train"))
-    model_cfg, dcfg, tcfg = params["model"], cfg["diffusion"], cfg["train"]
+def main(args, cfg) -> None:
+    model_cfg, dcfg, tcfg = asdict(cfg.model), cfg.diffusion, cfg.train
     relaunch_under_torchrun(tcfg.nproc, "stages.pretrain")
     init_from_env()
     rank, _ = dist_info()
     images, _, _ = load_split(f"{args.data}/train.pt")
     data_sha = train_sha(args.data)
     stage_params = {"model": model_cfg, "diffusion": asdict(dcfg), "train": asdict(tcfg)}
-    with rank_zero_run("pretrain", params, stage_params, rank) as run:
+    with rank_zero_run("pretrain", cfg.raw, stage_params, rank) as run:
         run.set_tags({"fingerprint": run_fingerprint(model_cfg, asdict(dcfg), tcfg, data_sha)})
         t0 = time.time()
         result = train_from_scratch(model_cfg, asdict(dcfg), tcfg, images, data_sha, args.out, log_fn=run.log_metrics)

@@ -14,22 +14,21 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stepwise.artifacts import load_denoiser, read_table, write_table
-from stepwise.config import parse
 from stepwise.data import load_split
 from stepwise.difficulty import check_profile, difficulty_profile
 from stepwise.models import count_params
-from stepwise.tdc_config import ProfileConfig
 from stepwise.training import resolve_device
 from stepwise.visualise import plot_profile
 
-from .common import ARTIFACTS, add_paths, load_params, run_stage, section, stage_run
+from stepwise.tracking import stage_run
+
+from .common import ARTIFACTS, add_paths, run_stage
 
 log = logging.getLogger("stepwise.profile")
 
 
-def main(args) -> None:
-    params = load_params(args.params)
-    pcfg = parse(ProfileConfig, section(params, "tdc", "profile"), "tdc.profile")
+def main(args, cfg) -> None:
+    pcfg = cfg.tdc.profile
     model, diffusion, _ = load_denoiser(args.model, use_ema=pcfg.use_ema)
     images, _, _ = load_split(f"{args.data}/train.pt")
     check_profile(pcfg, len(images), count_params(model))
@@ -37,7 +36,7 @@ def main(args) -> None:
     device = resolve_device(pcfg.device)
     model, diffusion = model.to(device), diffusion.to(device)
     out = Path(args.out)
-    with stage_run("profile", params, {"tdc": {"profile": asdict(pcfg)}}) as run:
+    with stage_run("profile", cfg.raw, {"tdc": {"profile": asdict(pcfg)}}) as run:
         columns, sim = difficulty_profile(model, diffusion, images, history, pcfg)
         ts = columns["t"]
         write_table(out / "profile.csv", list(columns), zip(*columns.values()))

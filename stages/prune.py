@@ -12,37 +12,33 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stepwise.artifacts import load_groups, load_model_file, write_table
-from stepwise.config import parse
 from stepwise.errors import ConfigError
-from stepwise.prune_config import PruneConfig
 from stepwise.pruning.expert import prune_expert, prune_job, search_curve
 from stepwise.seeding import run_seed
 from stepwise.tdc import expert_path
-from stepwise.tdc_config import num_groups
+from stepwise.tracking import stage_run
 from stepwise.visualise import plot_search
 
-from .common import add_paths, load_params, report_metrics, run_stage, section, stage_run
+from .common import add_paths, report_metrics, run_stage
 
 log = logging.getLogger("stepwise.prune")
 
 
-def main(args) -> None:
-    params = load_params(args.params)
-    pcfg = parse(PruneConfig, section(params, "tdc", "prune"), "tdc.prune")
+def main(args, cfg) -> None:
+    pcfg, K = cfg.tdc.prune, cfg.tdc.num_groups
     T = int(load_model_file(args.unified)["diffusion"]["T"])
-    K = num_groups(section(params, "tdc"), T)
     group = args.group
     if not 0 <= group < K:
         raise ConfigError(f"--group {group} is not a group index: tdc.num_groups={K}")
     lo, hi = load_groups(args.groups, K, T)[group]
-    tcfg = pcfg.train_config(section(params, "train"), seed=run_seed(pcfg.seed, group))
+    tcfg = pcfg.train_config(cfg.train, seed=run_seed(pcfg.seed, group))
     job = prune_job(pcfg, tcfg, group, (lo, hi), K, args.unified, expert_path(args.experts, group), args.data)
     budget, full = job.budget, job.full_macs
     stage = f"prune@{group}"
     stage_params = {"tdc": {"prune": asdict(pcfg), "num_groups": K}, "train_effective": asdict(tcfg),
                     "group": {"index": group, "lo": lo, "hi": hi},
                     "budget": {"macs": budget, "full_macs": full, "fraction": budget / full}}
-    with stage_run(stage, params, stage_params) as run:
+    with stage_run(stage, cfg.raw, stage_params) as run:
         run.set_tags({"tdc.group": str(group), "tdc.t_range": f"[{lo}, {hi})", "tdc.role": "pruned_expert",
                       "prune.search_fingerprint": job.identity["fingerprint"]})
         metrics, rounds = prune_expert(job, args.out, stage, run.log_metrics)

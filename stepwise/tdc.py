@@ -79,11 +79,12 @@ def range_sampler(cfg: TrainConfig, diffusion, t_range: tuple[int, int]) -> Rang
 
 
 def train_on_range(model, diffusion, images: torch.Tensor, cfg: TrainConfig, sampler: RangeRecorder, ckpt_dir,
-                   run_id: str, who: str, log_fn=None) -> dict:
-    """Train `model` on t in the sampler's [lo, hi) only (`range_sampler`), resumable from ckpt_dir; train()'s result
-    plus 'seen' (the t record) and 'final_loss'."""
+                   run_id: str, who: str, log_fn=None, ema_start: dict | None = None) -> dict:
+    """Train `model` on t in the sampler's [lo, hi) only (`range_sampler`), resumable from ckpt_dir (its weight EMA
+    starting from `ema_start` when given); train()'s result plus 'seen' (the t record) and 'final_loss'."""
     lo, hi = sampler.lo, sampler.hi
-    result = train(model, diffusion, images, cfg, ckpt_dir, fingerprint=run_id, sampler=sampler, log_fn=log_fn)
+    result = train(model, diffusion, images, cfg, ckpt_dir, fingerprint=run_id, sampler=sampler, log_fn=log_fn,
+                   ema_start=ema_start)
     seen = sampler.seen()
     if seen["t_draws"] and not (lo <= seen["t_min"] and seen["t_max"] < hi):
         raise StepwiseError(f"{who}: trained on t in [{seen['t_min']}, {seen['t_max']}] outside [{lo}, {hi})")
@@ -98,6 +99,7 @@ class FinetuneJob:
     t_range: tuple[int, int]
     cfg: TrainConfig
     init: str  # "raw" | "ema": which weights of the unified model are fine-tuned
+    ema_start: str  # "init" | "ema": the weight EMA starts from the fine-tuned weights or the unified EMA
     model: torch.nn.Module
     diffusion: torch.nn.Module
     sampler: RangeRecorder
@@ -107,6 +109,7 @@ class FinetuneJob:
     unified_sha: str
     run_id: str
     macs: int  # per forward of one image
+    ema_state: dict | None = None  # the unified EMA weights, when the EMA starts from them but training does not
 
     @property
     def tags(self) -> dict:
@@ -115,21 +118,25 @@ class FinetuneJob:
                 "tdc.role": "baseline" if self.group < 0 else "expert"}
 
 
-def finetune_job(unified_path, data_dir, cfg: TrainConfig, group: int, t_range: tuple[int, int],
-                 init: str) -> FinetuneJob:
-    """Load the unified model (its `init` weights) and the training split, check they fit, fingerprint the run."""
-    unified = {k: v for k, v in load_model_file(unified_path).items() if k in ("model", "diffusion", "image_shape")}
+def finetune_job(unified_path, data_dir, cfg: TrainConfig, group: int, t_range: tuple[int, int], init: str,
+                 ema_start: str) -> FinetuneJob:
+    """Load the unified model (its `init` weights; the EMA starts from those, or from the unified EMA weights with
+    ema_start="ema") and the training split, check they fit, fingerprint the run."""
+    obj = load_model_file(unified_path)
+    unified = {k: v for k, v in obj.items() if k in ("model", "diffusion", "image_shape")}
     model, diffusion, shape, _ = load_model(unified_path, use_ema=init == "ema")
+    ema_state = obj["ema_state_dict"] if ema_start == "ema" and init != "ema" else None
     sampler = range_sampler(cfg, diffusion, t_range)
     images, _, _ = load_split(f"{data_dir}/train.pt")
     if tuple(images.shape[1:]) != tuple(shape):
         raise ConfigError(f"{unified_path} was trained on images {list(shape)}, the data are "
                           f"{list(images.shape[1:])}: rerun `dvc repro pretrain`")
     data_sha, unified_sha = train_sha(data_dir), sha256(unified_path)
-    run_id = fingerprint(unified_sha, resume_relevant(cfg), list(t_range), init, data_sha)
+    start = [init] if ema_state is None else [init, "ema_start=ema"]  # EMA from the init weights: the old identity
+    run_id = fingerprint(unified_sha, resume_relevant(cfg), list(t_range), *start, data_sha)
     macs = count_macs(model, example_inputs(shape[0], shape[1]))
-    return FinetuneJob(group, tuple(t_range), cfg, init, model, diffusion, sampler, unified, images, data_sha,
-                       unified_sha, run_id, macs)
+    return FinetuneJob(group, tuple(t_range), cfg, init, ema_start, model, diffusion, sampler, unified, images,
+                       data_sha, unified_sha, run_id, macs, ema_state)
 
 
 def run_finetune(job: FinetuneJob, out_dir, who: str, log_fn=None) -> dict:
@@ -138,12 +145,13 @@ def run_finetune(job: FinetuneJob, out_dir, who: str, log_fn=None) -> dict:
     (lo, hi), out = job.t_range, Path(out_dir)
     t0 = time.time()
     result = train_on_range(job.model, job.diffusion, job.images, job.cfg, job.sampler, out / "checkpoints",
-                            job.run_id, who, log_fn)
+                            job.run_id, who, log_fn, ema_start=job.ema_state)
     seconds = time.time() - t0
     images_seen, seen = result["images_seen"], result["seen"]
     flops = training_flops(job.macs, images_seen)
     meta = {"steps": job.cfg.steps, "images_seen": images_seen, "fingerprint": job.run_id, "data_sha256": job.data_sha,
             "unified_sha256": job.unified_sha, "group": job.group, "lo": lo, "hi": hi, "init": job.init,
+            "ema_start": job.ema_start,
             "macs_per_forward": job.macs, "train_flops": flops, "num_params": count_params(job.model), **seen}
     save_model(out / "model.pt", model_cfg=job.unified["model"], diffusion_cfg=job.unified["diffusion"],
                image_shape=job.unified["image_shape"], state_dict=result["model"].state_dict(),

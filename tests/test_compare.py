@@ -36,7 +36,7 @@ def test_compare_reads_mlflow_and_writes_report(tmp_path, monkeypatch):
     import mlflow
 
     from stages import compare
-    from stages.common import EXPERIMENT
+    from stepwise.tracking import EXPERIMENT
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

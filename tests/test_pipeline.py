@@ -144,29 +144,6 @@ def test_corrupt_featnet_fails_before_sampling(repro):
     assert not (dest / "samples/x").exists() and not (dest / "metrics/x.json").exists()
 
 
-def test_failed_stage_marks_its_mlflow_run_failed(tmp_path):
-    import mlflow
-
-    from stages.common import stage_run
-    from stepwise.errors import StepwiseError
-
-    with pytest.raises(StepwiseError):
-        with stage_run("pretrain", {"train": {"lr": 1}}, {"train": {"lr": 1}}) as tracker:
-            tracker.log_metrics({"loss": 1.0}, step=1)
-            raise StepwiseError("boom")
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name("stepwise")
-    (run_,) = client.search_runs([exp.experiment_id], "tags.stage = 'pretrain'")
-    assert run_.info.status == "FAILED" and run_.data.metrics["loss"] == 1.0
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`stepwise.pipeline` = 'workspace'")
-    assert parent.info.status == "FAILED"
-    with stage_run("pretrain", {"train": {"lr": 1}}, {"train": {"lr": 1}}):  # the rerun joins the same parent run
-        assert client.get_run(parent.info.run_id).info.status == "RUNNING"
-    (again,) = client.search_runs([exp.experiment_id], "tags.`stepwise.pipeline` = 'workspace'")
-    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
-    assert again.data.tags["stepwise.complete"] == "0"  # pretrain is not the last stage: the pipeline run goes on
-
-
 def test_pretrain_data_parallel_via_config(repro):
     """train.nproc=2 relaunches the stage under torchrun (gloo on CPU); rank 0 writes the outputs and MLflow run."""
     dest, env = repro

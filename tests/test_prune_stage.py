@@ -11,7 +11,7 @@ from conftest import pipeline_copy, run
 
 from stepwise.config import parse
 from stepwise.errors import ConfigError
-from stepwise.prune_config import PruneConfig, PruneEvalConfig
+from stepwise.config import PruneConfig, PruneEvalConfig
 
 torch.set_num_threads(1)  # tiny models; the box is shared
 K, T, RES = 2, 100, 16  # the ci preset: tdc.num_groups, diffusion.T, data.image_size

@@ -16,7 +16,7 @@ from stepwise.router import ExpertRouter
 from stepwise.seeding import derive_seed, run_seed
 from stepwise.tdc import (GOAL_MACS_SAVING, check_expert, compute_accounting, dp_signal, pruned_ensemble_metrics,
                           tdc_groups, trajectory_macs)
-from stepwise.tdc_config import ClusterConfig, ProfileConfig
+from stepwise.config import ClusterConfig, ProfileConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 T = 20

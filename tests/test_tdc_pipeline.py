@@ -14,7 +14,7 @@ from conftest import run
 from stepwise.config import parse
 from stepwise.errors import ConfigError, StepwiseError
 from stepwise.grouping import group_index, groups_from_dict, validate_groups
-from stepwise.tdc_config import ClusterConfig, ConsistencyConfig, FinetuneConfig, num_groups
+from stepwise.config import ClusterConfig, ConsistencyConfig, FinetuneConfig, TdcConfig
 from stepwise.timestep_samplers import RangeRecorder, build_timestep_sampler
 
 K, T, STEPS, BATCH = 2, 100, 5, 32  # the ci preset: tdc.num_groups, diffusion.T, tdc.finetune.steps, train.batch_size
@@ -182,11 +182,11 @@ def test_groups_not_covering_T_fail_in_one_line(tdc_repro):
 
 
 def test_groups_list_must_match_num_groups():
-    assert num_groups({"num_groups": 3, "groups_list": [0, 1, 2]}, T=10) == 3
-    with pytest.raises(ConfigError, match=r"tdc.groups_list=\[0, 1\] must be \[0, 1, 2\]"):
-        num_groups({"num_groups": 3, "groups_list": [0, 1]})
+    assert parse(TdcConfig, {"num_groups": 3, "groups_list": [0, 1, 2]}, "tdc").num_groups == 3
+    with pytest.raises(ConfigError, match=r"tdc: groups_list=\[0, 1\] must be \[0, 1, 2\]"):
+        parse(TdcConfig, {"num_groups": 3, "groups_list": [0, 1]}, "tdc")
     with pytest.raises(ConfigError, match="must be <= diffusion.T=2"):
-        num_groups({"num_groups": 3, "groups_list": [0, 1, 2]}, T=2)
+        parse(TdcConfig, {"num_groups": 3, "groups_list": [0, 1, 2]}, "tdc").check_T(2)
 
 
 def test_config_errors_are_one_clear_message():
