@@ -19,7 +19,7 @@ from stepwise.data import load_split
 from stepwise.errors import StepwiseError
 from stepwise.featnet import load_featnet
 from stepwise.fidelity import sample_scores
-from stepwise.training import resolve_device
+from stepwise.distributed import resolve_device
 
 
 def fid_over_seeds(model, diffusion, shape, test_images, featnet, *, samples: int, seeds: list[int], sampler: str,

@@ -14,8 +14,6 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from stepwise.artifacts import load_denoiser, load_model_file, load_samples, train_sha, write_table
 from dataclasses import replace
 
@@ -25,8 +23,10 @@ from stepwise.consistency import (check_sample_sets, consistency_report, featnet
 from stepwise.data import load_split, to_model_range
 from stepwise.evaluation import amp_dtype, sample
 from stepwise.featnet import load_featnet
+from stepwise.progress import progress
 from stepwise.tdc import load_router
-from stepwise.training import resolve_device, train_from_scratch
+from stepwise.distributed import resolve_device
+from stepwise.training import train_from_scratch
 from stepwise.visualise import pair_grid, plot_split
 
 from stepwise.tracking import stage_run
@@ -62,14 +62,14 @@ def main(args, cfg) -> None:
             sets[name] = sample(models[name], result["diffusion"].eval(), shape, scfg, n, device, progress=False)
         write_extras_index(args.extras, ccfg.extra_models)
         metrics = {"num_samples": n}
-        for a, b in tqdm(ccfg.pairs, desc="sample pairs"):
+        for a, b in progress(ccfg.pairs, desc="sample pairs"):
             xa, xb = sets[a][:n], sets[b][:n]
             report = consistency_report(to_model_range(xa), to_model_range(xb), feature_fn,
                                         window_size=ccfg.window_size)
             metrics.update({f"pair/{a}_vs_{b}/{k}": v for k, v in report.items() if k != "num"})
             pair_grid(xa, xb, min(ccfg.grid_pairs, n), out / f"pair_{a}_vs_{b}.png")
         rows = []
-        for a, b in tqdm(ccfg.split_pairs, desc="split pairs"):
+        for a, b in progress(ccfg.split_pairs, desc="split pairs"):
             for r in split_consistency(models[a].to(device), models[b].to(device), diffusion,
                                        ccfg.split_timesteps(diffusion.T), n, shape, feature_fn,
                                        window_size=ccfg.window_size, sampler=scfg.sampler, steps=scfg.steps,

@@ -14,7 +14,7 @@ from stepwise.data import load_split
 from stepwise.evaluation import inception_weights, sample_and_save, scores
 from stepwise.featnet import load_featnet
 from stepwise.fidelity import fid_curve
-from stepwise.training import resolve_device
+from stepwise.distributed import resolve_device
 from stepwise.tracking import stage_run
 
 from .common import ARTIFACTS, add_paths, report_metrics, run_stage

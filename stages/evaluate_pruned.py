@@ -5,7 +5,7 @@ generated sample summed over the sampling trajectory (step k costs the MACs of t
 wall-clock sampling throughput (images/s, same batch size, same device, interleaved repeats, fastest kept). The
 unified and TDC scores are read from metrics/evaluate.json and metrics/evaluate_tdc.json when their stored samples
 were drawn with the current sample settings and count, else recomputed here. The project's goal (>= 40 % fewer MACs
-per sample than the unified model at an FID no worse, `stepwise.tdc.pruned_ensemble_metrics`) is reported as
+per sample than the unified model at an FID no worse, `stepwise.pruning.ensemble.pruned_ensemble_metrics`) is reported as
 metrics `goal.*`, not asserted.
 """
 from __future__ import annotations
@@ -20,9 +20,10 @@ from stepwise.errors import ConfigError
 from stepwise.evaluation import inception_weights, sample, sample_and_save, scores, stored_scores, throughput
 from stepwise.featnet import load_featnet
 from stepwise.sampling import timestep_subsequence
-from stepwise.tdc import (ENSEMBLES, GOAL_MACS_SAVING, GOAL_METRIC, load_pruned_router, load_router,
-                          pruned_ensemble_metrics, sampling_macs)
-from stepwise.training import resolve_device
+from stepwise.pruning.ensemble import (ENSEMBLES, GOAL_MACS_SAVING, GOAL_METRIC, load_pruned_router,
+                                       pruned_ensemble_metrics, sampling_macs)
+from stepwise.tdc import load_router
+from stepwise.distributed import resolve_device
 from stepwise.tracking import stage_run
 
 from .common import add_paths, report_metrics, run_stage

@@ -17,7 +17,7 @@ from stepwise.data import load_split
 from stepwise.errors import ConfigError
 from stepwise.evaluation import inception_weights, sample_and_save, score_deltas, scores
 from stepwise.tdc import compute_accounting, expert_coverage, load_router
-from stepwise.training import resolve_device
+from stepwise.distributed import resolve_device
 from stepwise.tracking import stage_run
 
 from .common import ARTIFACTS, add_paths, report_metrics, run_stage

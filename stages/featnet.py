@@ -7,7 +7,7 @@ from dataclasses import asdict
 from stepwise.data import load_split
 from stepwise.featnet import save_featnet, train_featnet
 from stepwise.tracking import stage_run
-from stepwise.training import resolve_device
+from stepwise.distributed import resolve_device
 
 from .common import ARTIFACTS, add_paths, report_metrics, run_stage
 

@@ -17,7 +17,7 @@ from stepwise.artifacts import load_denoiser, read_table, write_table
 from stepwise.data import load_split
 from stepwise.difficulty import check_profile, difficulty_profile
 from stepwise.models import count_params
-from stepwise.training import resolve_device
+from stepwise.distributed import resolve_device
 from stepwise.visualise import plot_profile
 
 from stepwise.tracking import stage_run

@@ -42,11 +42,11 @@ def load_model_file(path) -> dict:
     return load_torch(path, MODEL_FORMAT, hint="Run `dvc repro pretrain` to rebuild it.")
 
 
-def load_model(path, use_ema: bool = True):
-    """(model in eval mode, Diffusion, image_shape, meta) from a model file, pruned (meta['pruning']) or not.
+def load_model(path, use_ema: bool = True, rebuild=None):
+    """(model in eval mode, Diffusion, image_shape, meta) from a model file; CheckpointError if the weights do not fit.
 
-    A pruned file is rebuilt as: unpruned model from its config -> its pruning record -> strict state dict load.
-    CheckpointError if the weights do not fit.
+    A pruned expert's file (meta['pruning']) needs `rebuild(model, record, image_shape, path)` to shape the unpruned
+    model first: load those with `stepwise.pruning.load_pruned`, which passes it.
     """
     from .diffusion import Diffusion
     from .models import build_model
@@ -58,9 +58,9 @@ def load_model(path, use_ema: bool = True):
     record = obj["meta"].get("pruning")
     try:
         if record is not None:
-            from .pruning.expert import rebuild_pruned  # Torch-Pruning is needed for pruned files only
-
-            model = rebuild_pruned(model, record, (c, h, w), path)
+            if rebuild is None:
+                raise CheckpointError(f"{path} holds a pruned expert: load it with stepwise.pruning.load_pruned")
+            model = rebuild(model, record, (c, h, w), path)
         model.load_state_dict(obj["ema_state_dict" if use_ema else "state_dict"])
         diffusion.load_state_dict(obj.get("diffusion_state") or {})
     except (ConfigError, RuntimeError) as e:

@@ -12,12 +12,12 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import to_model_range
 from .diffusion import Diffusion
 from .errors import ConfigError, DataError
 from .sampling import fixed_noise
+from .progress import progress
 from .schedules import NoiseSchedule, parse_bin_key, t_bin
 from .seeding import derive_seed
 
@@ -289,7 +289,7 @@ def difficulty_profile(model: nn.Module, diffusion: Diffusion, images: torch.Ten
     T = diffusion.T
     ts = timestep_grid(T, pcfg.num_timesteps)  # (K,)
     means, variances = [], []
-    for t in tqdm(ts.tolist(), desc="loss per t"):
+    for t in progress(ts.tolist(), desc="loss per t"):
         m, v = per_timestep_loss(model, diffusion, images, [t], num_examples=pcfg.num_examples, seed=pcfg.seed,
                                  batch_size=pcfg.batch_size)
         means.append(m)
@@ -307,7 +307,7 @@ def difficulty_profile(model: nn.Module, diffusion: Diffusion, images: torch.Ten
         g = torch.Generator().manual_seed(derive_seed(pcfg.seed, 3))
         subset = images[torch.randperm(len(images), generator=g)[: pcfg.mc_images]]
         mc = torch.full((len(ts),), math.nan, dtype=torch.float64)  # (K,): NaN at t = 0 (no data density)
-        for k, t in enumerate(tqdm(ts.tolist(), desc="MC relative entropy")):
+        for k, t in enumerate(progress(ts.tolist(), desc="MC relative entropy")):
             if t >= 1:
                 mc[k] = relative_entropy_mc(abar, subset, [t], num_samples=pcfg.mc_samples, seed=pcfg.seed)[0]
         columns["rel_entropy_mc"] = mc

@@ -1,10 +1,12 @@
-"""Data-parallel helpers (torchrun + DDP); every function is the identity in a single process."""
+"""Devices and data-parallel helpers (torchrun + DDP); every collective is the identity in a single process."""
 from __future__ import annotations
 
 import os
 
 import torch
 import torch.distributed as dist
+
+from .errors import ConfigError
 
 
 def dist_info() -> tuple[int, int]:
@@ -60,3 +62,12 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist_info()[1] > 1:
         dist.barrier()
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)

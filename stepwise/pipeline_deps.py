@@ -10,6 +10,11 @@ those files statically with `ast` (no code is run, so neither torch nor anything
 - every import anywhere in a file counts: in functions (lazy imports) and under `if TYPE_CHECKING:` alike;
 - importing a module runs its packages' `__init__.py`, so those are in the closure too (`stepwise/__init__.py`,
   `stages/__init__.py`, ...);
+- except a *validation-only* import: in the config package (`stepwise/config/`), an import statement whose line
+  ends with the comment `# validation only` imports a registry or class only to check a setting's name or
+  arguments; the stage's outputs do not depend on that code (a stage that uses it imports it itself), so it is not
+  followed. Without this, every stage would list the whole library (e.g. `pretrain` the pruning package) and any
+  edit would retrain everything. The marker counts nowhere else;
 - only files under the code roots (`stepwise/`, `stages/`, `flows/`) count: third-party imports are DVC's
   params/environment business, not file deps; an import of a module under a code root that has no file is an error
   (the stage would not run, and its deps cannot be known).
@@ -38,6 +43,8 @@ import yaml
 from .errors import ConfigError
 
 CODE_ROOTS = ("stepwise", "stages", "flows")
+VALIDATION_ONLY = "# validation only"  # marks an import in the config package that is not a DVC dependency
+VALIDATION_ONLY_PACKAGE = "stepwise.config"
 _PYTHON = re.compile(r"^python(\d+(\.\d+)*)?$")
 _PYTHON_OPTS_WITH_ARG = {"-X", "-W"}
 _IMPORT_CALLS = {"__import__", "importlib.import_module", "import_module"}  # with a literal absolute name
@@ -91,7 +98,11 @@ def _imported_names(path: Path, module: str, is_package: bool, repo_root: Path, 
     package = module if is_package else module.rpartition(".")[0]
     names: set[str] = set()
     maybe: set[str] = set()
+    lines = path.read_text().splitlines() if module.startswith(VALIDATION_ONLY_PACKAGE) else []
     for node in ast.walk(_parse(path)):
+        if lines and isinstance(node, (ast.Import, ast.ImportFrom)) \
+                and lines[node.end_lineno - 1].rstrip().endswith(VALIDATION_ONLY):
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

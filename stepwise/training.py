@@ -19,7 +19,7 @@ from .checkpoint import checkpoint_paths, fingerprint, load_latest_checkpoint, r
 from .config import TrainConfig
 from .data import to_model_range
 from .diffusion import Diffusion
-from .distributed import all_gather_cat, all_gather_objects, all_reduce_mean, barrier, dist_info
+from .distributed import all_gather_cat, all_gather_objects, all_reduce_mean, barrier, dist_info, resolve_device
 from .ema import EMA
 from .errors import CheckpointError, ConfigError, StepwiseError
 from .io import exclusive_dir_lock
@@ -32,15 +32,6 @@ from .timestep_samplers import TimestepSampler, build_timestep_sampler
 
 log = logging.getLogger(__name__)
 LogFn = Callable[[dict, int], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

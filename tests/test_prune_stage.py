@@ -34,8 +34,8 @@ def read_json(path):
 
 
 def test_budgets_are_progressive_and_met(pruned_repro):
-    from stepwise.artifacts import load_model
     from stepwise.pruning import count_macs, example_inputs, progressive_budgets
+    from stepwise.pruning.model_file import load_pruned as load_model
 
     dest, _, pcfg = pruned_repro
     metrics = [read_json(dest / f"metrics/prune_{i}.json") for i in range(K)]
@@ -53,8 +53,8 @@ def test_budgets_are_progressive_and_met(pruned_repro):
 
 
 def test_pruned_models_reload_weights_only_and_keep_shapes(pruned_repro):
-    from stepwise.artifacts import load_model
-    from stepwise.pruning.expert import PRUNED_FORMAT
+    from stepwise.pruning.model_file import PRUNED_FORMAT
+    from stepwise.pruning.model_file import load_pruned as load_model
 
     dest, _, _ = pruned_repro
     groups = read_json(dest / "outputs/groups.json")["groups"]
@@ -205,14 +205,15 @@ def test_prune_config_train_and_identity():
 
 
 def test_pruned_file_round_trip_is_exact(tmp_path):
-    """save_model + meta['pruning'] -> load_model (and load_denoiser) rebuild the same function; a foreign record,
-    ratios that do not fit, or pruned weights without a record fail clearly."""
-    from stepwise.artifacts import load_denoiser, load_model, save_model
+    """save_model + meta['pruning'] -> load_pruned rebuilds the same function; a foreign record, ratios that do not
+    fit, pruned weights without a record, or a pruned file loaded as a plain one fail clearly."""
+    from stepwise.artifacts import load_denoiser, save_model
+    from stepwise.pruning.model_file import load_pruned as load_model
     from stepwise.diffusion import Diffusion
     from stepwise.errors import CheckpointError
     from stepwise.models import build_model
     from stepwise.pruning import count_macs, example_inputs, prune_to_budget
-    from stepwise.pruning.expert import PRUNED_FORMAT, pruning_record
+    from stepwise.pruning.model_file import PRUNED_FORMAT, pruning_record
 
     cfg = {"name": "unet", "base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
            "head_dim": 8}
@@ -234,7 +235,9 @@ def test_pruned_file_round_trip_is_exact(tmp_path):
     x, t = torch.randn(2, 1, RES, RES), torch.tensor([3, 70])
     with torch.no_grad():
         assert torch.equal(loaded(x, t), pruned.eval()(x, t)) and shape == (1, RES, RES)
-        assert torch.equal(load_denoiser(tmp_path / "model.pt")[0](x, t), loaded(x, t))
+        assert torch.equal(load_model(tmp_path / "model.pt")[0](x, t), loaded(x, t))
+    with pytest.raises(CheckpointError, match="holds a pruned expert: load it with stepwise.pruning.load_pruned"):
+        load_denoiser(tmp_path / "model.pt")
     assert count_macs(loaded, inputs) == macs <= 0.5 * full * 1.02 and meta["pruning"] == spec
     with pytest.raises(CheckpointError, match="weights do not fit the model it describes"):
         load_model(save("unrecorded.pt", {}))

@@ -14,7 +14,8 @@ from stepwise.evaluation import score_deltas
 from stepwise.flops import training_flops
 from stepwise.router import ExpertRouter
 from stepwise.seeding import derive_seed, run_seed
-from stepwise.tdc import (GOAL_MACS_SAVING, check_expert, compute_accounting, dp_signal, pruned_ensemble_metrics,
+from stepwise.pruning.ensemble import GOAL_MACS_SAVING, pruned_ensemble_metrics
+from stepwise.tdc import (check_expert, compute_accounting, dp_signal,
                           tdc_groups, trajectory_macs)
 from stepwise.config import ClusterConfig, ProfileConfig
 

@@ -104,7 +104,7 @@ def load_config(path="params.yaml") -> Config:
 
 def check_cross_sections(cfg: Config) -> None:
     """The rules that need more than one section."""
-    from ..diffusion import Diffusion
+    from ..diffusion import Diffusion  # validation only
 
     diffusion = Diffusion(**dataclasses.asdict(cfg.diffusion))
     check_model(dataclasses.asdict(cfg.model), cfg.data.image_size, cfg.data.channels, diffusion.out_channels_factor)
@@ -125,7 +125,7 @@ def check_model(model: dict, image_size: int, channels: int, out_factor: int = 1
     """Build the model on the meta device (no memory, no compute) to validate its settings for these images."""
     import torch
 
-    from ..models import build_model
+    from ..models import build_model  # validation only
 
     try:
         with torch.device("meta"):
@@ -140,8 +140,8 @@ def check_train(tcfg: TrainConfig, diffusion, where: str) -> None:
     """The timestep sampler and momentum-decay arguments are accepted by their classes."""
     import torch
 
-    from ..optim_schedules import MomentumDecay
-    from ..timestep_samplers import build_timestep_sampler
+    from ..optim_schedules import MomentumDecay  # validation only
+    from ..timestep_samplers import build_timestep_sampler  # validation only
 
     try:
         build_timestep_sampler(tcfg.timestep_sampler, diffusion.T, seed=0, default_abar=diffusion.schedule.abar,

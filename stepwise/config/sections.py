@@ -152,10 +152,10 @@ class DiffusionConfig:
     mixing_args: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from ..diffusion import PREDICTION_TYPES, Diffusion
-        from ..loss_weights import LOSS_WEIGHTS
-        from ..mixed_x0 import MIXINGS
-        from ..schedules import SCHEDULES
+        from ..diffusion import PREDICTION_TYPES, Diffusion  # validation only
+        from ..loss_weights import LOSS_WEIGHTS  # validation only
+        from ..mixed_x0 import MIXINGS  # validation only
+        from ..schedules import SCHEDULES  # validation only
 
         choice(self.schedule, SCHEDULES, "schedule")
         choice(self.prediction, PREDICTION_TYPES, "prediction")
@@ -197,8 +197,8 @@ class TrainConfig:
     eval_steps: list = field(default_factory=list)  # checkpoints kept for the FID-vs-iterations curve
 
     def __post_init__(self):
-        from ..optim_schedules import MOMENTUM_FORMS
-        from ..timestep_samplers import TIMESTEP_SAMPLERS
+        from ..optim_schedules import MOMENTUM_FORMS  # validation only
+        from ..timestep_samplers import TIMESTEP_SAMPLERS  # validation only
 
         for key in ("steps", "batch_size", "ckpt_every", "log_every", "loss_bins", "keep_checkpoints", "nproc"):
             positive(key, getattr(self, key))
@@ -236,7 +236,7 @@ class SampleConfig:
     grid_size: int = 8
 
     def __post_init__(self):
-        from ..sampling import SAMPLERS
+        from ..sampling import SAMPLERS  # validation only
 
         choice(self.sampler, SAMPLERS, "sampler")
         for key in ("steps", "batch_size", "grid_size"):

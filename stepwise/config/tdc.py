@@ -87,7 +87,7 @@ class ClusterConfig:
     boundaries: list | None = None  # manual: [0, b_1, ..., T]
 
     def __post_init__(self):
-        from ..grouping import GROUPING_METHODS
+        from ..grouping import GROUPING_METHODS  # validation only
 
         choice(self.method, (*GROUPING_METHODS, "manual"), "method")
         if isinstance(self.signal, str):
@@ -210,7 +210,7 @@ class PruneConfig:
     def __post_init__(self):
         if not 0 < self.k <= 1:
             raise ConfigError(f"k={self.k!r} must lie in (0, 1]: the smallest expert's fraction of the full MACs")
-        from ..pruning import DIRECTIONS, IMPORTANCES, PROPOSERS
+        from ..pruning import DIRECTIONS, IMPORTANCES, PROPOSERS  # validation only
 
         choice(self.direction, DIRECTIONS, "direction")
         choice(self.importance, IMPORTANCES, "importance")

@@ -10,10 +10,7 @@ Resumable: the memory bank (`bank.json`, its identity in `search.json`) and the 
 rerun redoes no finished round and resumes the fine-tune. A bank written by a different search (other settings,
 expert or data) is discarded.
 
-Pruned model file: a `save_model` file whose `model` config is the *unpruned* architecture and whose
-meta['pruning'] (`pruning_record`) holds the per-group ratios; `rebuild_pruned` (called by
-`stepwise.artifacts.load_model`) re-applies `prune_to_ratios` to the unpruned model (the kept channel counts depend
-only on the ratios), so the file stays plain tensors + JSON-like meta and loads with weights_only=True.
+The pruned model file is `stepwise.pruning.model_file`.
 """
 from __future__ import annotations
 
@@ -27,13 +24,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..artifacts import load_model, load_model_file, save_model, train_sha
+from ..artifacts import load_model_file, save_model, train_sha
 from ..checkpoint import fingerprint, resume_relevant
 from ..config import TrainConfig
 from ..data import load_split, sha256, to_model_range
-from ..errors import CheckpointError, ConfigError, StepwiseError
+from ..errors import ConfigError, StepwiseError
 from ..flops import count_macs, example_inputs
 from ..io import FORMAT_KEY, write_json
 from ..models import count_params
@@ -43,31 +39,13 @@ from .budgets import progressive_budgets
 from .importance import IMPORTANCES, GradientBatch, make_scorer
 from .proposers import ranked
 from .proxy import short_finetune_loss
+from ..progress import progress
+from .model_file import load_pruned, pruning_record
 from .search import BANK_FORMAT, candidate_model, proxy_search
-from .structural import prunable_groups, prune_to_ratios
+from .structural import prunable_groups
 
 log = logging.getLogger(__name__)
-PRUNED_FORMAT = "stepwise-pruned/1"  # meta["pruning"]["format"] of a pruned model file
 SEARCH_FORMAT = "stepwise-prune-search/1"  # search.json: the identity of the bank beside it
-
-
-# ---- the pruned model file ----------------------------------------------------------------------------------------
-
-
-def pruning_record(ratios: dict, kept: dict, ignored, importance: str) -> dict:
-    """meta['pruning'] of a pruned model file: what rebuilds its architecture from the unpruned config."""
-    return {"format": PRUNED_FORMAT, "ratios": dict(ratios), "kept": dict(kept), "ignored": list(ignored),
-            "importance": importance}
-
-
-def rebuild_pruned(model: nn.Module, record: dict, image_shape, path) -> nn.Module:
-    """The unpruned `model` pruned to `record`'s ratios (weights still to be loaded); CheckpointError for a foreign
-    record, ConfigError if the ratios do not fit the model."""
-    if record.get("format") != PRUNED_FORMAT:
-        raise CheckpointError(f"{path}: pruning record has format {record.get('format')!r}, expected {PRUNED_FORMAT!r}")
-    c, h, _ = image_shape
-    return prune_to_ratios(model, dict(record["ratios"]), example_inputs(c, h), "magnitude",
-                           ignored=tuple(record["ignored"]))
 
 
 # ---- the memory bank's identity -----------------------------------------------------------------------------------
@@ -153,8 +131,8 @@ def prune_job(pcfg, cfg: TrainConfig, group: int, t_range: tuple[int, int], K: i
             raise ConfigError(f"tdc.prune.{key}={getattr(pcfg, key)} exceeds the {len(images)} training images")
     if cfg.batch_size > len(images):
         raise ConfigError(f"tdc.prune.train batch_size={cfg.batch_size} exceeds the {len(images)} training images")
-    unified, _, shape, _ = load_model(unified_path, use_ema=True)
-    expert, diffusion, eshape, _ = load_model(expert_path, use_ema=pcfg.init == "ema")
+    unified, _, shape, _ = load_pruned(unified_path, use_ema=True)
+    expert, diffusion, eshape, _ = load_pruned(expert_path, use_ema=pcfg.init == "ema")
     if tuple(eshape) != tuple(shape) or tuple(images.shape[1:]) != tuple(shape):
         raise ConfigError(f"image shapes differ: unified {list(shape)}, expert {list(eshape)}, data "
                           f"{list(images.shape[1:])}; rerun the upstream stages")
@@ -197,7 +175,7 @@ def search(job: PruneJob, out: Path, who: str) -> dict:
     log.info("%s: budget %.4g MACs (%.3f F) on [%d, %d); %d of %d rounds in the bank, %d to run", who, job.budget,
              job.budget / job.full_macs, *job.t_range, min(resumed, pcfg.rounds), pcfg.rounds,
              max(pcfg.rounds - resumed, 0))
-    with tqdm(total=pcfg.rounds, initial=min(resumed, pcfg.rounds), desc=f"{who} search") as bar:
+    with progress(total=pcfg.rounds, initial=min(resumed, pcfg.rounds), desc=f"{who} search") as bar:
         bank = proxy_search(job.expert, job.budget, job.inputs, ProgressProxy(job.proxy, bar), bank_path,
                             rounds=pcfg.rounds, proposer=pcfg.proposer, importance=pcfg.importance, batch=job.batch,
                             seed=pcfg.seed, tol=pcfg.tol, max_ratio=pcfg.max_ratio, ignored=tuple(pcfg.ignored))
@@ -258,7 +236,7 @@ def prune_expert(job: PruneJob, out_dir, who: str, log_fn=None) -> tuple[dict, l
     save_model(out / "model.pt", model_cfg=job.expert_file["model"], diffusion_cfg=job.expert_file["diffusion"],
                image_shape=job.expert_file["image_shape"], state_dict=tuned["state_dict"],
                ema_state_dict=tuned["ema_state_dict"], diffusion_state=job.diffusion.state_dict(), meta=meta)
-    if count_macs(load_model(out / "model.pt")[0], job.inputs) != macs:  # the file must rebuild to the same model
+    if count_macs(load_pruned(out / "model.pt")[0], job.inputs) != macs:  # the file must rebuild to the same model
         raise StepwiseError(f"{out / 'model.pt'}: reloaded model's MACs differ from the saved model's")
     resumed = min(found["resumed"], len(rounds))
     metrics = {"group": job.group, "lo": lo, "hi": hi, "budget_macs": job.budget, "full_macs": full, "macs": macs,
