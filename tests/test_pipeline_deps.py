@@ -329,3 +329,19 @@ def test_stages_deps_does_not_import_torch():
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
     assert "stepwise.pipeline_deps" in imported and "yaml" in imported
     assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
+
+
+def test_validation_only_imports_count_only_in_the_config_package(tmp_path):
+    """`# validation only` drops an import from the closure inside stepwise/config/ and nowhere else."""
+    files = {"stages/__init__.py": "", "stages/s.py": "from stepwise.config import check\nfrom stepwise import other\n",
+             "stepwise/__init__.py": "", "stepwise/config/__init__.py": "def check():\n"
+             "    from ..heavy import NAMES  # validation only\n    from ..light import X\n",
+             "stepwise/heavy.py": "", "stepwise/light.py": "", "stepwise/other.py":
+             "def f():\n    from .heavy import NAMES  # validation only\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    closure = import_closure("stages.s", tmp_path)
+    assert "stepwise/light.py" in closure and "stepwise/heavy.py" in closure  # still reached through other.py
+    (tmp_path / "stepwise/other.py").write_text("X = 1\n")
+    assert "stepwise/heavy.py" not in import_closure("stages.s", tmp_path)
