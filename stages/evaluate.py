@@ -9,8 +9,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from stepwise.artifacts import load_denoiser, write_table
-from stepwise.data import load_split
+from stepwise.artifacts import load_model, load_split_for, write_table
 from stepwise.evaluation import inception_weights, sample_and_save, scores
 from stepwise.featnet import load_featnet
 from stepwise.fidelity import fid_curve
@@ -25,8 +24,8 @@ log = logging.getLogger("stepwise.evaluate")
 def main(args, cfg) -> None:
     scfg, ecfg = cfg.sample, cfg.eval
     inception = inception_weights(ecfg)
-    model, diffusion, shape = load_denoiser(args.model, use_ema=scfg.use_ema)
-    test_images, _, _ = load_split(f"{args.data}/test.pt")
+    model, diffusion, shape, meta = load_model(args.model, use_ema=scfg.use_ema)
+    test_images = load_split_for(args.model, meta, shape, args.data, "test")
     load_featnet(args.featnet)  # a missing or corrupt feature network fails here, before sampling
     device = resolve_device("auto")
     with stage_run("evaluate", cfg.raw, {"sample": asdict(scfg), "eval": asdict(ecfg)}) as run:

@@ -14,8 +14,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from stepwise.artifacts import read_metrics, write_table
-from stepwise.data import load_split
+from stepwise.artifacts import load_split_for, read_metrics, write_table
 from stepwise.errors import ConfigError
 from stepwise.evaluation import inception_weights, sample, sample_and_save, scores, stored_scores, throughput
 from stepwise.featnet import load_featnet
@@ -38,9 +37,9 @@ def main(args, cfg) -> None:
         raise ConfigError("eval.fid=false: evaluate_pruned needs FID for its goal check; set eval.fid=true")
     inception = inception_weights(ecfg)
     K = cfg.tdc.num_groups
-    router, diffusion, shape, _, _ = load_router(args.groups, args.experts, args.unified, K, scfg.use_ema)
+    router, diffusion, shape, _, unified_meta = load_router(args.groups, args.experts, args.unified, K, scfg.use_ema)
     pruned, pruned_metas = load_pruned_router(args.pruned, args.experts, router, scfg.use_ema)
-    test_images, _, _ = load_split(f"{args.data}/test.pt")
+    test_images = load_split_for(args.unified, unified_meta, shape, args.data, "test")
     load_featnet(args.featnet)  # a missing or corrupt feature network fails here, before sampling
     for path in (args.unified_metrics, args.tdc_metrics):
         read_metrics(path, "dvc repro evaluate_tdc")

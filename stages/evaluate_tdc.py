@@ -12,8 +12,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from stepwise.artifacts import load_model, read_metrics
-from stepwise.data import load_split
+from stepwise.artifacts import load_model, load_split_for, read_metrics
 from stepwise.errors import ConfigError
 from stepwise.evaluation import inception_weights, sample_and_save, score_deltas, scores
 from stepwise.tdc import compute_accounting, expert_coverage, load_router
@@ -35,7 +34,7 @@ def main(args, cfg) -> None:
         raise ConfigError(f"{args.continued} has image shape {cshape}, the unified model {shape}: "
                           f"rerun `dvc repro continue_unified`")
     unified_metrics = read_metrics(args.unified_metrics, "dvc repro evaluate")
-    test_images, _, _ = load_split(f"{args.data}/test.pt")
+    test_images = load_split_for(args.unified, unified_meta, shape, args.data, "test")
     device = resolve_device("auto")
     with stage_run("evaluate_tdc", cfg.raw, {"sample": asdict(scfg), "eval": asdict(ecfg)}) as run:
         metrics = {"expert_coverage": expert_coverage(router, diffusion.T), "num_samples": ecfg.num_samples}

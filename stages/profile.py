@@ -13,8 +13,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from stepwise.artifacts import load_denoiser, read_table, write_table
-from stepwise.data import load_split
+from stepwise.artifacts import load_model, load_split_for, read_table, write_table
 from stepwise.difficulty import check_profile, difficulty_profile
 from stepwise.models import count_params
 from stepwise.distributed import resolve_device
@@ -29,8 +28,8 @@ log = logging.getLogger("stepwise.profile")
 
 def main(args, cfg) -> None:
     pcfg = cfg.tdc.profile
-    model, diffusion, _ = load_denoiser(args.model, use_ema=pcfg.use_ema)
-    images, _, _ = load_split(f"{args.data}/train.pt")
+    model, diffusion, shape, meta = load_model(args.model, use_ema=pcfg.use_ema)
+    images = load_split_for(args.model, meta, shape, args.data, "train")
     check_profile(pcfg, len(images), count_params(model))
     history = read_table(args.history, "dvc repro pretrain")
     device = resolve_device(pcfg.device)

@@ -108,9 +108,11 @@ def load_groups(path, K: int, T: int) -> list[tuple[int, int]]:
     try:
         record = json.loads(path.read_text())
         groups = groups_from_dict(record)
-    except (json.JSONDecodeError, ConfigError) as e:
-        raise ConfigError(f"{path}: {e}; rerun `dvc repro cluster`") from None
-    if len(groups) != K or int(record["T"]) != T:
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError, KeyError, TypeError, ValueError,
+            AttributeError) as e:
+        raise ConfigError(f"{path}: not a groups file ({type(e).__name__}: {str(e)[:200]}); rerun "
+                          "`dvc repro cluster`") from None
+    if len(groups) != K or record.get("T") != T:
         raise ConfigError(f"{path} holds {len(groups)} groups of T={record['T']} but tdc.num_groups={K}, T={T}: "
                           "rerun `dvc repro cluster`")
     return groups
@@ -126,6 +128,26 @@ def train_sha(data_dir) -> str:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a dataset card with splits.train.sha256 ({type(e).__name__}: {e}); rerun "
                         "`dvc repro prepare`") from None
+
+
+def load_split_for(model_path, meta: dict, shape, data_dir, split: str) -> torch.Tensor:
+    """The prepared `split` images (N, C, H, W) uint8, after checking they belong to the model at `model_path`: the
+    dataset its training split came from (its recorded train sha256 equals the dataset card's) and its image shape.
+    ConfigError naming the files and the stage that rebuilds them otherwise (a model of another dataset would
+    otherwise be scored against the wrong test images without a word)."""
+    from .data import load_split
+
+    images, _, _ = load_split(Path(data_dir) / f"{split}.pt")
+    if tuple(images.shape[1:]) != tuple(shape):
+        raise ConfigError(f"{model_path} makes images {list(shape)} but {Path(data_dir) / f'{split}.pt'} holds "
+                          f"{list(images.shape[1:])}: they come from different datasets; rerun `dvc repro` (prepare "
+                          "and the stages after it)")
+    recorded, card = meta.get("data_sha256"), train_sha(data_dir)
+    if recorded is not None and recorded != card:
+        raise ConfigError(f"{model_path} was trained on another training split (sha256 {recorded[:12]}…) than "
+                          f"{Path(data_dir) / 'card.json'} describes ({card[:12]}…): rerun `dvc repro` (prepare and "
+                          "the stages after it)")
+    return images
 
 
 def read_metrics(path, rebuild: str) -> dict:
