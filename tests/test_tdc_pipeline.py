@@ -173,8 +173,8 @@ def test_groups_not_covering_T_fail_in_one_line(tdc_repro):
     proc = run([sys.executable, "-m", "stages.cluster", "--params", "bad.yaml", "--out", "outputs/bad.json"], dest,
                check=False, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert ("stepwise cluster: error: tdc.cluster.boundaries=[0, 40, 90]: groups cover [0, 90) but must cover "
-            "[0, T=100) exactly") in proc.stderr
+    assert ("stepwise cluster: error: tdc.cluster.boundaries=[0, 40, 90] must be 3 increasing integers from 0 to "
+            "diffusion.T=100 (num_groups=2)") in proc.stderr
     assert not (dest / "outputs/bad.json").exists()
 
 
