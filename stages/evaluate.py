@@ -42,6 +42,7 @@ def main(args, cfg) -> None:
         for r in curve:
             run.log_metrics({"curve_fid_featnet": r["fid_featnet"]}, step=r["step"])
         report_metrics(run, metrics, args.metrics, log)
+        run.log_parent_metrics({f"unified/{k}": v for k, v in metrics.items()})  # compare pipeline runs at a glance
         run.log_artifact(Path(args.out) / "grid.png")
 
 

@@ -41,7 +41,7 @@ def main(args, cfg) -> None:
         run.set_tags(job.tags)
         metrics = run_finetune(job, args.out, stage, run.log_metrics)
         report_metrics(run, metrics, args.metrics, log, exclude=("group", "lo", "hi"))
-        run.log_artifact(Path(args.out) / "model.pt")
+        run.log_denoiser(Path(args.out) / "model.pt", "continued" if group < 0 else f"expert_{group}", metrics)
         log.info("%s: t in [%d, %d) (seen [%d, %d]), %d images, %.3g training FLOPs", stage, *t_range,
                  metrics["t_min"], metrics["t_max"], metrics["images_seen"], metrics["train_flops"])
 

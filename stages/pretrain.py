@@ -41,7 +41,7 @@ def main(args, cfg) -> None:
                    "images_seen": result["images_seen"], "train_seconds_this_run": seconds,
                    "resumed_from_step": result["resumed_from"] or 0}
         report_metrics(run, metrics, args.metrics, log)
-        run.log_artifact(Path(args.out) / "model.pt")
+        run.log_denoiser(Path(args.out) / "model.pt", "unified", metrics)
         run.log_artifact(args.plot)
 
 

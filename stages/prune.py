@@ -45,8 +45,9 @@ def main(args, cfg) -> None:
         write_table(args.curve, *search_curve(rounds, full))
         plot_search(rounds, budget, full, f"{stage}: t in [{lo}, {hi}), budget {budget / full:.3f} F", args.curve_png)
         report_metrics(run, metrics, args.metrics, log, exclude=("group", "lo", "hi"))
-        for path in (Path(args.out) / "bank.json", args.curve, args.curve_png, Path(args.out) / "model.pt"):
+        for path in (Path(args.out) / "bank.json", args.curve, args.curve_png):
             run.log_artifact(path)
+        run.log_denoiser(Path(args.out) / "model.pt", f"pruned_expert_{group}", metrics)
         log.info("%s: %.4g MACs (%.3f F, budget %.3f F), %d params (%.3f), best round %s of %d", stage,
                  metrics["macs"], metrics["macs_fraction"], metrics["budget_fraction"], metrics["params"],
                  metrics["params_fraction"], metrics["best_round"], metrics["rounds"])

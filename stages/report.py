@@ -22,7 +22,10 @@ def main(args, cfg) -> None:
     with stage_run("report", cfg.raw, {"diffusion": {"T": cfg.diffusion.T}}) as run:
         write_report(report, args.md, args.html)
         run.log_metrics(report.metrics)
-        run.set_tags({f"verdict.{name}": v for name, v in report.verdicts.items()})
+        run.log_parent_metrics(report.metrics)  # the headline metrics on the pipeline's parent run
+        verdicts = {f"verdict.{name}": v for name, v in report.verdicts.items()}
+        run.set_tags(verdicts)
+        run.set_parent_tags(verdicts)
         run.log_artifact(args.md)
         run.log_artifact(args.html)
     for name, v in report.verdicts.items():

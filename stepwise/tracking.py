@@ -79,10 +79,43 @@ def pipeline_version(params: dict, sha: str) -> str:
 
 
 class Tracker:
-    """The stage's MLflow run: metrics with steps, params, tags, artifacts."""
+    """The stage's MLflow run: metrics with steps, params, tags, artifacts; and the pipeline's parent run, which
+    carries the headline metrics so that `mlflow ui`'s table compares pipeline runs and strategies directly."""
 
-    def __init__(self, mlflow, run_id: str):
-        self.mlflow, self.run_id = mlflow, run_id
+    def __init__(self, mlflow, run_id: str, parent_id: str | None = None):
+        self.mlflow, self.run_id, self.parent_id = mlflow, run_id, parent_id
+
+    def log_parent_metrics(self, metrics: dict) -> None:
+        """Log `metrics` (no step) on the pipeline's parent run."""
+        from mlflow.entities import Metric
+
+        if self.parent_id is None:
+            return
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k.replace("/", "."), float(v), now, 0) for k, v in metrics.items()]
+        client = self.mlflow.MlflowClient()
+        for i in range(0, len(batch), 1000):
+            client.log_batch(self.parent_id, metrics=batch[i:i + 1000])
+
+    def log_denoiser(self, model_file, name: str, metrics: dict | None = None) -> str | None:
+        """Log a trained denoiser's model file as an MLflow model named `name` (the UI's model view), linked to
+        `metrics`; returns its model id. Load it back with `stepwise.mlflow_model.load_logged_denoiser`."""
+        code = Path(__file__).with_name("mlflow_model.py")
+        info = self.mlflow.pyfunc.log_model(name=name, python_model=str(code),
+                                            artifacts={"model_file": str(model_file)},
+                                            pip_requirements=["stepwise", "torch"])
+        model_id = getattr(info, "model_id", None)
+        if metrics and model_id:
+            self.mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in metrics.items()}, model_id=model_id)
+        return model_id
+
+    def set_parent_tags(self, tags: dict) -> None:
+        if self.parent_id is not None:
+            client = self.mlflow.MlflowClient()
+            for k, v in tags.items():
+                client.set_tag(self.parent_id, k, str(v)[:5000])
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         self.mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in metrics.items()}, step=step)
@@ -226,7 +259,7 @@ def stage_run(stage: str, params: dict, stage_params: dict):
             HOST_TAG: socket.gethostname()}
     with _sigterm_raises(), mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent,
                                              tags=tags) as run:
-        tracker = Tracker(mlflow, run.info.run_id)
+        tracker = Tracker(mlflow, run.info.run_id, parent)
         tracker.log_params(stage_params)
         try:
             yield tracker

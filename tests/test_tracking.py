@@ -104,3 +104,37 @@ def test_scheme_less_tracking_uri_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "mlflow.db")
     with pytest.raises(StepwiseError, match="has no scheme"):
         tracking_uri()
+
+
+def test_headline_metrics_and_tags_go_on_the_parent_run():
+    with stage_run("report", {"a": 1}, {}) as tracker:
+        tracker.log_parent_metrics({"unified/fid_featnet": 40.1, "delta.fid": -1.5})
+        tracker.set_parent_tags({"verdict.tdc": "not resolved"})
+    client, exp_id = _client()
+    (parent,) = _parents(client, exp_id)
+    assert parent.data.metrics == {"unified.fid_featnet": 40.1, "delta.fid": -1.5}
+    assert parent.data.tags["verdict.tdc"] == "not resolved"
+
+
+def test_denoiser_logged_as_mlflow_model_loads_back_safely(tmp_path):
+    """A model file logged with log_denoiser appears as a logged model and loads back with weights_only."""
+    import torch
+
+    from stepwise.artifacts import save_model
+    from stepwise.diffusion import Diffusion
+    from stepwise.mlflow_model import load_logged_denoiser
+    from stepwise.models import build_model
+
+    cfg = {"name": "unet", "base_channels": 8, "channel_mult": [1], "num_res_blocks": 1, "attn_resolutions": []}
+    model = build_model(cfg, 8, 1)
+    save_model(tmp_path / "model.pt", model_cfg=cfg, diffusion_cfg={"T": 10}, image_shape=(1, 8, 8),
+               state_dict=model.state_dict(), ema_state_dict=model.state_dict(),
+               diffusion_state=Diffusion(T=10).state_dict(), meta={"steps": 1})
+    with stage_run("pretrain", {}, {}) as tracker:
+        model_id = tracker.log_denoiser(tmp_path / "model.pt", "unified", {"final_loss": 0.5})
+    assert model_id
+    loaded, diffusion, shape, meta = load_logged_denoiser(f"models:/{model_id}")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 5])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), model.eval()(x, t))
+    assert shape == (1, 8, 8) and meta == {"steps": 1} and diffusion.T == 10
