@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from stepwise.artifacts import records_table, train_sha, write_table
+from stepwise.artifacts import records_table, train_sha, write_bin_curves, write_table
 from stepwise.data import load_split
 from stepwise.distributed import dist_info, init_from_env
 from stepwise.tracking import rank_zero_run
@@ -37,6 +37,7 @@ def main(args, cfg) -> None:
         if rank != 0:
             return
         write_table(args.plot, *records_table(result["history"]))
+        write_bin_curves(result["history"], args.bin_plots)
         metrics = {"final_loss": final_loss(result["history"]), "num_params": result["num_params"],
                    "images_seen": result["images_seen"], "train_seconds_this_run": seconds,
                    "resumed_from_step": result["resumed_from"] or 0}
@@ -46,7 +47,8 @@ def main(args, cfg) -> None:
 
 
 def configure(parser) -> None:
-    add_paths(parser, "data", out="models/unified", metrics="metrics/pretrain.json", plot=ARTIFACTS["history"])
+    add_paths(parser, "data", out="models/unified", metrics="metrics/pretrain.json", plot=ARTIFACTS["history"],
+              bin_plots="plots/loss_per_t_bin")
 
 
 if __name__ == "__main__":

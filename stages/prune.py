@@ -43,7 +43,8 @@ def main(args, cfg) -> None:
                       "prune.search_fingerprint": job.identity["fingerprint"]})
         metrics, rounds = prune_expert(job, args.out, stage, run.log_metrics)
         write_table(args.curve, *search_curve(rounds, full))
-        plot_search(rounds, budget, full, f"{stage}: t in [{lo}, {hi}), budget {budget / full:.3f} F", args.curve_png)
+        plot_search(rounds, budget, full, f"pruned expert {group} (t in [{lo}, {hi})): budget {budget / full:.3f} x "
+                    "the full model's MACs" + ("" if rounds else " = the full model: kept, not searched"), args.curve_png)
         report_metrics(run, metrics, args.metrics, log, exclude=("group", "lo", "hi"))
         for path in (Path(args.out) / "bank.json", args.curve, args.curve_png):
             run.log_artifact(path)

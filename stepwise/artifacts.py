@@ -179,9 +179,24 @@ def write_table(path, header: list, rows) -> None:
 
 def records_table(records: list[dict], first: str = "step") -> tuple[list[str], list[list]]:
     """(header, rows) of dicts with possibly different keys: every key once, `first` leading, the rest sorted; a
-    key a record lacks is an empty cell (e.g. the training history: step, loss, lr, loss_bin/NN, ...)."""
+    key a record lacks is an empty cell (e.g. the training history: step, loss, lr, loss_t000-099, ...)."""
     header = sorted({k for r in records for k in r}, key=lambda k: (k != first, k))
     return header, [[r.get(k) for k in header] for r in records]
+
+
+def write_bin_curves(history: list[dict], out_dir, name: str = "loss") -> list[Path]:
+    """One CSV (step, <name>) per t-bin of the training history in `out_dir`, named by its t-range
+    (`t000-099.csv`): `dvc plots` draws one line per file, labelled with its t-range, for any T and bin count."""
+    from .schedules import parse_bin_key
+
+    keys = sorted(((p[1], key) for r in history for key in r if (p := parse_bin_key(key)) and p[0] == name),
+                  key=lambda item: item[0])
+    paths = []
+    for _, key in dict.fromkeys(keys):
+        path = Path(out_dir) / f"{key[len(name) + 1:]}.csv"
+        write_table(path, ["step", name], [[r["step"], r[key]] for r in history if key in r and "step" in r])
+        paths.append(path)
+    return paths
 
 
 def read_table(path, rebuild: str) -> list[dict[str, float]]:

@@ -73,6 +73,16 @@ def _prefixes(name: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+def _load_yaml(text: str, where):
+    """YAML text as data; ConfigError (one line, with line and column) if it is not valid YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+
+
 def _parse(path: Path) -> ast.Module:
     try:
         return ast.parse(path.read_text(), filename=str(path))
@@ -257,7 +267,7 @@ def check(dvc_yaml_path: str | os.PathLike, roots=CODE_ROOTS) -> list[str]:
     dvc_yaml_path = Path(dvc_yaml_path)
     repo_root = dvc_yaml_path.resolve().parent
     problems = []
-    for name, stage in _stages(yaml.safe_load(dvc_yaml_path.read_text())).items():
+    for name, stage in _stages(_load_yaml(dvc_yaml_path.read_text(), dvc_yaml_path)).items():
         body = _stage_body(stage)
         try:
             closure = _stage_closure(body, repo_root, roots)
@@ -443,7 +453,7 @@ def rewrite(text: str, repo_root: str | os.PathLike, roots=CODE_ROOTS) -> tuple[
     Stages whose cmd runs no python module are left alone. ConfigError if the result would not parse to the same
     pipeline apart from the code deps."""
     repo_root = Path(repo_root).resolve()
-    doc = yaml.safe_load(text)
+    doc = _load_yaml(text, "dvc.yaml")
     stages = _stages(doc)
     lines = text.splitlines(keepends=True)
     spans = _stage_spans(lines, list(stages))

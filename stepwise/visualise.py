@@ -184,25 +184,34 @@ def plot_groups(groups, snr_db: torch.Tensor, profile: dict, path) -> None:
 
 
 def plot_search(rounds: list[dict], budget: float, full_macs: float, title: str, path) -> None:
-    """Pruning search: proxy score per round and best so far (left), candidate MACs / F against the budget (right)."""
+    """Pruning search: proxy score per round and best so far (left, log y when it spans decades), candidate MACs as
+    a fraction of the full model's against the budget (right); a note instead of empty axes when nothing was searched
+    (the expert whose budget is the full model)."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    rs = [e["round"] for e in rounds]
-    scores = [math.nan if e["score"] is None else e["score"] for e in rounds]
-    best, running = [], math.inf
-    for s in scores:
-        running = min(running, s) if math.isfinite(s) else running
-        best.append(running if math.isfinite(running) else math.nan)
-    ax.plot(rs, scores, "o", label="candidate")
-    ax.plot(rs, best, "-", color="k", label="best so far")
-    ax.set_xlabel("round")
-    ax.set_ylabel("proxy score (lower is better)")
-    ax.legend()
-    ax2.bar(rs, [e["macs"] / full_macs for e in rounds], color="tab:grey")
-    ax2.axhline(budget / full_macs, color="tab:red", label="budget")
-    ax2.set_xlabel("round")
-    ax2.set_ylabel("MACs / full model")
-    ax2.legend()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if not rounds:
+        for a, name in ((ax, "proxy score per round"), (ax2, "candidate MACs per round")):
+            empty_panel(a, name, "no search: this expert's budget is the full model, so it is kept unpruned")
+    else:
+        rs = [e["round"] for e in rounds]
+        scores = [math.nan if e["score"] is None else e["score"] for e in rounds]
+        best, running = [], math.inf
+        for s in scores:
+            running = min(running, s) if math.isfinite(s) else running
+            best.append(running if math.isfinite(running) else math.nan)
+        ax.plot(rs, scores, "o", label="candidate")
+        ax.plot(rs, best, "-", color="k", label="best so far")
+        label_axes(ax, "proxy score per round", "search round", "proxy score: loss after a short fine-tune "
+                   "(lower is better)", values=scores)
+        ax.legend()
+        ax2.bar(rs, [e["macs"] / full_macs for e in rounds], color="tab:grey", label="candidate")
+        ax2.axhline(budget / full_macs, color="tab:red", label="budget")
+        label_axes(ax2, "candidate MACs per round", "search round", "MACs / full model's MACs")
+        ax2.legend()
+        for a in (ax, ax2):
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     save_figure(fig, path)
 
