@@ -16,6 +16,7 @@ from typing import Callable
 from stepwise.config import Config, load_config
 from stepwise.errors import StepwiseError
 from stepwise.io import write_json
+from stepwise.threads import stage_threads
 
 log = logging.getLogger("stepwise")
 
@@ -58,7 +59,10 @@ def run_stage(name: str, body: Callable[[argparse.Namespace, Config], None],
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        body(args, load_config(args.params))
+        cfg = load_config(args.params)
+        with stage_threads() as budget:  # a fair share of the cores among the stages running now
+            log.info("torch threads: %d (%s)", budget.threads, budget.reason)
+            body(args, cfg)
     except StepwiseError as e:
         print(f"stepwise {name}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -28,6 +28,7 @@ from .progress import progress as progress_bar
 from .schedules import bin_key, t_bin
 from .models import build_model, count_params
 from .seeding import derive_seed
+from .threads import refresh as refresh_threads
 from .timestep_samplers import TimestepSampler, build_timestep_sampler
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,7 @@ def _train(model, diffusion, images, cfg, ckpt_dir, *, fingerprint, sampler, log
                                torch.ones((), device=device, dtype=torch.float64)])
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
+            refresh_threads()  # another stage started or ended: take a fair share of the cores again
             total, count = window.tolist()
             window.zero_()
             row = {"step": done, "loss": total / count, "lr": opt.param_groups[0]["lr"], "ema_decay": ema.last_decay,

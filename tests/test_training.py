@@ -125,7 +125,7 @@ def test_strategies_resume_exactly(tmp_path, diff, over):
     if over.get("momentum_decay"):
         assert full["history"][-1]["beta1"] < 0.9
     if diff["prediction"] == "mixed_x0":
-        assert any(k.startswith("x0err_acc_bin/") for k in full["history"][-1])
+        assert any(k.startswith("x0err_acc_t") for k in full["history"][-1])
 
 
 def test_default_eps_path_matches_values_recorded_before_the_prediction_interface(tmp_path):
