@@ -1,61 +1,83 @@
-"""Compare timestep strategies run as DVC experiments: FID-vs-iterations and speed-up over the uniform baseline.
+"""Compare timestep strategies over training seeds: mean FID curves with bands, speed-ups with 95 % intervals.
 
-    dvc exp run evaluate --queue -S experiment=compare -S 'strategy=uniform,clts_md,curriculum,iddpm,speed,min_snr,mixed_x0'
-    dvc queue start && dvc queue status        # wait until all are done
-    python -m stages.compare                   # reads the runs from MLflow, writes reports/strategy_comparison.*
+    dvc exp run evaluate --queue -S experiment=compare -S 'strategy=uniform,clts_md,min_snr' -S 'train.seed=0,1,2'
+    OMP_NUM_THREADS=1 dvc queue start -j 2     # each finished run writes reports/runs/<strategy>/seed<k>-*.json
+    python -m stages.compare                   # -> reports/strategy_comparison.{md,json,png}
 
-Writes a markdown table, the curves and results as JSON, and a PNG of the FID-vs-iterations curves.
-
-Each experiment's `evaluate` run logs `curve_fid_featnet` at every kept checkpoint (eval.curve_samples > 0).
-Not a DVC stage: it reads across experiments.
+Reads the run summaries under reports/runs (commit them as they finish: a comparison can be built up over several
+sittings) and the MLflow `evaluate` runs that carry a yardstick; refuses to mix runs measured with different
+yardsticks. Not a DVC stage: it reads across experiments.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 
+from stepwise.comparison import comparison_table, compare
+from stepwise.errors import StepwiseError
 from stepwise.io import write_json, write_text
-from stepwise.speedup import speedup_table, speedups
+from stepwise.ledger import RUNS_DIR, read_summaries, yardstick_id
+from stepwise.tracking import EXPERIMENT, tracking_uri
 from stepwise.visualise import plot_fid_curves
 
-from stepwise.tracking import EXPERIMENT, tracking_uri
+log = logging.getLogger("stepwise.compare")
 
 
-def collect_curves(client, exp_id: str) -> dict[str, list[tuple[int, float]]]:
-    """{strategy: [(step, fid)]} from the newest finished evaluate run of each strategy."""
-    curves: dict[str, list] = {}
-    for run in client.search_runs([exp_id], "tags.stage = 'evaluate' and attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time DESC"]):
+def mlflow_runs(ledger: list[dict]) -> list[dict]:
+    """Runs of finished `evaluate` stages with an FID curve and a yardstick tag, not already in the ledger."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return []
+    known = {(r["strategy"], r["seed"], r["version"][:8]) for r in ledger}
+    runs = []
+    for run in client.search_runs([exp.experiment_id], "tags.stage = 'evaluate' and attributes.status = 'FINISHED' "
+                                  "and tags.`stepwise.yardstick` != ''", order_by=["attributes.start_time ASC"]):
         parent = client.get_run(run.data.tags["mlflow.parentRunId"])
-        strategy = parent.data.params.get("comparison.strategy")
-        if strategy and strategy not in curves:
-            history = client.get_metric_history(run.info.run_id, "curve_fid_featnet")
-            if history:
-                curves[strategy] = sorted((m.step, m.value) for m in history)
-    return curves
+        strategy, seed = parent.data.params.get("comparison.strategy"), parent.data.params.get("train.seed")
+        history = client.get_metric_history(run.info.run_id, "curve_fid_featnet")
+        version = parent.data.tags.get("stepwise.version", "")
+        if strategy and seed is not None and history and (strategy, int(seed), version[:8]) not in known:
+            runs.append({"strategy": strategy, "seed": int(seed), "version": version, "path": run.info.run_id,
+                         "yardstick": json.loads(run.data.tags["stepwise.yardstick"]),
+                         "curve": [{"step": m.step, "fid": m.value, "fid_replicates": []}
+                                   for m in sorted(history, key=lambda m: m.step)]})
+    return runs
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default="uniform")
+    parser.add_argument("--runs", default=str(RUNS_DIR), help="run summaries (default: %(default)s)")
+    parser.add_argument("--source", choices=("both", "ledger", "mlflow"), default="both")
+    parser.add_argument("--yardstick", help="only the runs of this yardstick id (when several are present)")
+    parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
     parser.add_argument("--out", default="reports/strategy_comparison")
     args = parser.parse_args(argv)
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri())
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    curves = collect_curves(client, exp.experiment_id) if exp else {}
-    if args.baseline not in curves:
-        print(f"stepwise compare: error: no finished run of strategy {args.baseline!r} with an FID curve in "
-              f"{tracking_uri()} (found {sorted(curves)}); run the experiments with eval.curve_samples > 0",
-              file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        runs = read_summaries(args.runs) if args.source != "mlflow" else []
+        if args.source != "ledger":
+            runs += mlflow_runs(runs)
+        if args.yardstick:
+            runs = [r for r in runs if yardstick_id(r["yardstick"]) == args.yardstick]
+        if not runs:
+            raise StepwiseError(f"no comparison runs found in {args.runs} or {tracking_uri()}; run the experiments "
+                                "with experiment=compare (eval.curve_samples > 0)")
+        result = compare(runs, args.baseline, n_boot=args.boot)
+    except StepwiseError as e:
+        print(f"stepwise compare: error: {e}", file=sys.stderr)
         return 2
-    result = speedups(curves, args.baseline)
-    write_json({"curves": curves, "result": result}, f"{args.out}.json")
-    write_text(speedup_table(result), f"{args.out}.md")
-    plot_fid_curves(curves, result[args.baseline]["final_fid"], f"{args.out}.png")
-    print(speedup_table(result))
+    result["runs"] = sorted(r["path"] for r in runs)
+    write_json(result, f"{args.out}.json")
+    write_text(comparison_table(result), f"{args.out}.md")
+    plot_fid_curves(result, f"{args.out}.png")
+    print(comparison_table(result))
     return 0
 
 

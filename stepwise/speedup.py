@@ -40,16 +40,3 @@ def speedups(curves: dict[str, list[tuple[int, float]]], baseline: str = "unifor
                      "iters_to_baseline_fid": reach, "baseline_iters_to_final_fid": base_reach,
                      "speedup": base_reach / reach if reach else (math.inf if reach == 0 else None)}
     return out
-
-
-def speedup_table(result: dict) -> str:
-    """`speedups`' result as a markdown table (first entry: the baseline) with the target it was measured at."""
-    lines = ["| strategy | final FID | iterations to baseline FID | speed-up |", "|---|---|---|---|"]
-    for name, r in result.items():
-        reach = "never" if r["iters_to_baseline_fid"] is None else f"{r['iters_to_baseline_fid']:.0f}"
-        speed = "-" if r["speedup"] is None else ("inf" if math.isinf(r["speedup"]) else f"{r['speedup']:.2f}x")
-        lines.append(f"| {name} | {r['final_fid']:.4f} | {reach} | {speed} |")
-    base = next(iter(result.values()))
-    lines.append(f"\nTarget: the baseline's final FID {base['baseline_final_fid']:.4f}, which the baseline first reached "
-                 f"at iteration {base['baseline_iters_to_final_fid']:.0f}; speed-up = that / the strategy's iterations.")
-    return "\n".join(lines) + "\n"

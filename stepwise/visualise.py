@@ -230,14 +230,20 @@ def plot_split(rows: list[dict], path) -> None:
     save_figure(fig, path)
 
 
-def plot_fid_curves(curves: dict[str, list[tuple[int, float]]], baseline_fid: float, path) -> None:
-    """FID-vs-iterations of every strategy (log y) with the baseline's final FID as a dashed line."""
+def plot_fid_curves(result: dict, path) -> None:
+    """Mean FID-vs-iterations curve of every strategy over its training seeds with a min-max band (log y), and the
+    target (the baseline's mean final FID) as a dashed line (`stepwise.comparison.compare`'s result)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in sorted(curves.items()):
-        steps, fids = zip(*points)
-        ax.plot(steps, fids, marker="o", ms=3, label=name)
-    ax.axhline(baseline_fid, ls="--", lw=0.8, c="gray", label="baseline final FID")
-    ax.set(yscale="log", xlabel="training iteration", ylabel="FID (featnet)", title="FID vs iterations")
-    ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    strategies = result["strategies"]
+    for i, (name, e) in enumerate(sorted(strategies.items())):
+        steps, mean, lo, hi = zip(*e["mean_curve"])
+        style = series_style(i, len(strategies))
+        ax.plot(steps, mean, label=f"{name} ({len(e['seeds'])} seed{'s' if len(e['seeds']) > 1 else ''})", **style,
+                ms=3)
+        ax.fill_between(steps, lo, hi, color=style["color"], alpha=0.15, lw=0)
+    ax.axhline(result["target_fid"], ls="--", lw=0.8, c="gray", label=f"target: {result['baseline']} final FID")
+    label_axes(ax, "FID vs training iterations (mean over seeds, band: min-max)", "training iteration",
+               "FID (featnet features, log scale)", log=True)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, path)
