@@ -102,10 +102,14 @@ class Tracker:
     def log_denoiser(self, model_file, name: str, metrics: dict | None = None) -> str | None:
         """Log a trained denoiser's model file as an MLflow model named `name` (the UI's model view), linked to
         `metrics`; returns its model id. Load it back with `stepwise.mlflow_model.load_logged_denoiser`."""
+        import warnings
+
         code = Path(__file__).with_name("mlflow_model.py")
-        info = self.mlflow.pyfunc.log_model(name=name, python_model=str(code),
-                                            artifacts={"model_file": str(model_file)},
-                                            pip_requirements=["stepwise", "torch"])
+        with warnings.catch_warnings():  # "add type hints to predict": its input is a plain dict of options
+            warnings.simplefilter("ignore", UserWarning)
+            info = self.mlflow.pyfunc.log_model(name=name, python_model=str(code),
+                                                artifacts={"model_file": str(model_file)},
+                                                pip_requirements=["stepwise", "torch"])
         model_id = getattr(info, "model_id", None)
         if metrics and model_id:
             self.mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in metrics.items()}, model_id=model_id)
@@ -152,6 +156,7 @@ def _probe(uri: str, timeout: float = 5.0) -> None:
 
 def connect():
     """Import MLflow, point it at the tracking URI and the experiment: (mlflow, experiment id)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in stage logs
     import mlflow
 
     uri = tracking_uri()
