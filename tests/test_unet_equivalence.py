@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stepwise.models.unet import AttnBlock, Downsample, ResBlock, UNet, Upsample, nearest_x2_phase_kernels, timestep_embedding
+from stepwise.models.unet import (AttnBlock, Downsample, ResBlock, UNet, Upsample, nearest_x2_phase_kernels,
+                                  timestep_embedding)
 
 
 def literal_upsample(block: Upsample, x, size=None):
