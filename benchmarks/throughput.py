@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -202,6 +203,14 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
+def median_interval(values: list[float], level: float = 0.95, resamples: int = 2000) -> list[float]:
+    """Percentile-bootstrap interval of the median of `values` (fixed seed: the same data give the same interval)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    lo = int((1 - level) / 2 * resamples)
+    return [medians[lo], medians[resamples - 1 - lo]]
+
+
 def interleaved(rounds: int, runners: dict[str, Callable[[], dict]]) -> dict[str, list[dict]]:
     """Run the runners in turn, A B A B ..., `rounds` times; each returns {'seconds', 'cpu_seconds', 'images'}."""
     out = {name: [] for name in runners}
@@ -228,10 +237,12 @@ def rates(results: dict[str, list[dict]], flops: dict[str, float], peak: tuple[f
         row[name] = entry
     a, b = (row[n]["img_s"]["values"] for n in PAIR)
     row["ratio"] = summary([x / y for x, y in zip(a, b)])  # stepwise / diffusers, paired by round
+    row["ratio"]["ci95"] = median_interval(row["ratio"]["values"])
     row["ratio_of_medians"] = row["stepwise"]["img_s"]["median"] / row["diffusers"]["img_s"]["median"]
     if device.type == "cpu":
         a, b = (row[n]["cpu_img_s"]["values"] for n in PAIR)
         row["cpu_time_ratio"] = summary([x / y for x, y in zip(a, b)])
+        row["cpu_time_ratio"]["ci95"] = median_interval(row["cpu_time_ratio"]["values"])
     return row
 
 
@@ -252,9 +263,10 @@ def banned_imports() -> list[str]:
 
 
 def print_table(rows: list[dict], label: str = "") -> None:
-    """One line per model and row; on the CPU also img/s per process CPU second and its ratio (robust to load)."""
+    """One line per model and row: wall-clock img/s and the per-round ratio's median [min, max]; on the CPU also img/s
+    per process CPU second (less sensitive to other load) and its ratio's median [bootstrap 95 % interval]."""
     print(f"{'device':6} {'mode':5} {label:>5} {'model':9} {'img/s median [min, max]':>27} {'GFLOP/img':>9} "
-          f"{'GFLOP/s':>7} {'%peak':>6} {'ratio [min, max]':>21} | {'CPU-time img/s':>14} {'%peak':>6} {'ratio':>6}")
+          f"{'GFLOP/s':>7} {'%peak':>6} {'ratio [min, max]':>21} | {'CPU-time img/s':>14} {'%peak':>6} {'ratio [95% CI]':>22}")
     for row in rows:
         for name in PAIR:
             e, s = row[name], row[name]["img_s"]
@@ -264,8 +276,9 @@ def print_table(rows: list[dict], label: str = "") -> None:
                     f"{s['median']:9.1f} [{s['min']:7.1f}, {s['max']:7.1f}] {e['flops_per_image'] / 1e9:9.3f} "
                     f"{e['flop_s'] / 1e9:7.1f} {100 * e['peak_fraction']:5.1f}% {ratio:>21}")
             if "cpu_img_s" in e:
-                cr = f"{row['cpu_time_ratio']['median']:.3f}" if name == "stepwise" else ""
-                line += f" | {e['cpu_img_s']['median']:14.1f} {100 * e['cpu_peak_fraction']:5.1f}% {cr:>6}"
+                c = row["cpu_time_ratio"]
+                cr = f"{c['median']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]" if name == "stepwise" else ""
+                line += f" | {e['cpu_img_s']['median']:14.1f} {100 * e['cpu_peak_fraction']:5.1f}% {cr:>22}"
             print(line)
 
 

@@ -43,6 +43,8 @@ def check_common(result: dict) -> None:
         a, b = row["stepwise"]["img_s"]["values"], row["diffusers"]["img_s"]["values"]
         assert row["ratio"]["values"] == pytest.approx([x / y for x, y in zip(a, b)])
         assert row["ratio_of_medians"] > 0 and row["cpu_time_ratio"]["median"] > 0
+        for r in (row["ratio"], row["cpu_time_ratio"]):
+            assert r["min"] <= r["ci95"][0] <= r["median"] <= r["ci95"][1] <= r["max"]
 
 
 @pytest.mark.timeout(120)
