@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     diffusion = Diffusion.from_config(defaults["diffusion"])
-    scheduler = DDIMScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_SCHEDULES[defaults["diffusion"]["schedule"]],
+    scheduler = DDIMScheduler(num_train_timesteps=T,
+                              beta_schedule=DIFFUSERS_SCHEDULES[defaults["diffusion"]["schedule"]],
                               beta_start=1e-4 * 1000 / T, beta_end=0.02 * 1000 / T, clip_sample=True,
                               set_alpha_to_one=True, timestep_spacing="linspace", prediction_type="epsilon")
     shape = (args.channels, args.image_size, args.image_size)
@@ -110,16 +111,18 @@ def main(argv=None) -> int:
         device = torch.device(dev)
         for mode in args.modes:
             dtype = torch.bfloat16 if bf16(device, mode) else torch.float32
-            peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak(device, dtype)
+            peak = (args.peak_tflops * 1e12,) * 2 if args.peak_tflops else matmul_peak(device, dtype)
             models, first = {}, {}
             for name, m in base.items():
                 models[name], setup = prepare(copy.deepcopy(m), device, mode)
                 first[name] = setup + runner(name, models[name], 1, device, mode)()["seconds"]  # compiles
             for steps in args.steps:
-                runs = interleaved(args.rounds, {name: runner(name, models[name], steps, device, mode) for name in PAIR})
+                runs = interleaved(args.rounds,
+                                   {name: runner(name, models[name], steps, device, mode) for name in PAIR})
                 flops = {n: flops_eval[n] * steps for n in PAIR}
                 row = {"device": dev, "mode": mode, "steps": steps, "dtype": str(dtype).removeprefix("torch."),
-                       "peak_flop_s": peak, "peak_source": "--peak-tflops" if args.peak_tflops else "matmul probe",
+                       "peak_flop_s": peak[0], "peak_flop_s_cpu_time": peak[1],
+                       "peak_source": "--peak-tflops" if args.peak_tflops else "matmul probe",
                        **rates(runs, flops, peak, device)}
                 for name in PAIR:
                     row[name]["first_call_s"] = first[name]

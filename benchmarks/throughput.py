@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -180,24 +181,34 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of the best of several square matmuls: an attainable peak for this device, dtype and thread count."""
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(wall, process-CPU-time) FLOP/s of the best of several square matmuls: an attainable peak for this device,
+    dtype and thread count (the CPU-time one discounts time the process spent waiting for a core)."""
     n = 1024 if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    best = 0.0
+    wall = cpu = 0.0
     for _ in range(5):
-        sync(device)
-        t0 = time.perf_counter()
+        clock = Clock(device)
+        clock.mark()
         for _ in range(3):
             a @ b
-        sync(device)
-        best = max(best, 3 * 2 * n**3 / (time.perf_counter() - t0))
-    return best
+        clock.mark()
+        seconds, cpu_seconds = clock.span()
+        wall, cpu = max(wall, 3 * 2 * n**3 / seconds), max(cpu, 3 * 2 * n**3 / max(cpu_seconds, 1e-9))
+    return wall, cpu
 
 
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def median_interval(values: list[float], level: float = 0.95, resamples: int = 2000) -> list[float]:
+    """Percentile-bootstrap interval of the median of `values` (fixed seed: the same data give the same interval)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    lo = int((1 - level) / 2 * resamples)
+    return [medians[lo], medians[resamples - 1 - lo]]
 
 
 def interleaved(rounds: int, runners: dict[str, Callable[[], dict]]) -> dict[str, list[dict]]:
@@ -209,23 +220,29 @@ def interleaved(rounds: int, runners: dict[str, Callable[[], dict]]) -> dict[str
     return out
 
 
-def rates(results: dict[str, list[dict]], flops: dict[str, float], peak: float, device: torch.device) -> dict:
-    """Per model img/s (wall; CPU-time too on the CPU), FLOP/s and peak fraction; per-round and median ratios."""
+def rates(results: dict[str, list[dict]], flops: dict[str, float], peak: tuple[float, float],
+          device: torch.device) -> dict:
+    """Per model img/s (wall; on the CPU also per process CPU second), FLOP/s and peak fraction; the per-round and
+    median ratios. `peak` is (wall, CPU-time) FLOP/s."""
     row = {}
     for name, runs in results.items():
         img_s = [r["images"] / r["seconds"] for r in runs]
         entry = {"img_s": summary(img_s), "flops_per_image": flops[name],
                  "flop_s": statistics.median(img_s) * flops[name]}
-        entry["peak_fraction"] = entry["flop_s"] / peak
+        entry["peak_fraction"] = entry["flop_s"] / peak[0]
         if device.type == "cpu":
             entry["cpu_img_s"] = summary([r["images"] / r["cpu_seconds"] for r in runs])
+            entry["cpu_flop_s"] = entry["cpu_img_s"]["median"] * flops[name]
+            entry["cpu_peak_fraction"] = entry["cpu_flop_s"] / peak[1]
         row[name] = entry
     a, b = (row[n]["img_s"]["values"] for n in PAIR)
     row["ratio"] = summary([x / y for x, y in zip(a, b)])  # stepwise / diffusers, paired by round
+    row["ratio"]["ci95"] = median_interval(row["ratio"]["values"])
     row["ratio_of_medians"] = row["stepwise"]["img_s"]["median"] / row["diffusers"]["img_s"]["median"]
     if device.type == "cpu":
         a, b = (row[n]["cpu_img_s"]["values"] for n in PAIR)
         row["cpu_time_ratio"] = summary([x / y for x, y in zip(a, b)])
+        row["cpu_time_ratio"]["ci95"] = median_interval(row["cpu_time_ratio"]["values"])
     return row
 
 
@@ -245,18 +262,24 @@ def banned_imports() -> list[str]:
     return sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in BANNED})
 
 
-def print_table(rows: list[dict], label: str) -> None:
-    print(f"{'device':6} {'mode':5} {label:>6} {'model':9} {'img/s median [min, max]':>28} {'GFLOP/img':>9} "
-          f"{'GFLOP/s':>8} {'%peak':>6} {'stepwise/diffusers':>22}")
+def print_table(rows: list[dict], label: str = "") -> None:
+    """One line per model and row: wall-clock img/s and the per-round ratio's median [min, max]; on the CPU also img/s
+    per process CPU second (less sensitive to other load) and its ratio's median [bootstrap 95 % interval]."""
+    print(f"{'device':6} {'mode':5} {label:>5} {'model':9} {'img/s median [min, max]':>27} {'GFLOP/img':>9} "
+          f"{'GFLOP/s':>7} {'%peak':>6} {'ratio [min, max]':>21} | {'CPU-time img/s':>14} {'%peak':>6} {'ratio [95% CI]':>22}")
     for row in rows:
         for name in PAIR:
-            e = row[name]
-            s = e["img_s"]
-            ratio = row["ratio"]
-            r = (f"{ratio['median']:.3f} [{ratio['min']:.3f}, {ratio['max']:.3f}]" if name == "stepwise" else "")
-            print(f"{row['device']:6} {row['mode']:5} {row.get(label, ''):>6} {name:9} "
-                  f"{s['median']:10.1f} [{s['min']:7.1f}, {s['max']:7.1f}] {e['flops_per_image'] / 1e9:9.3f} "
-                  f"{e['flop_s'] / 1e9:8.1f} {100 * e['peak_fraction']:5.1f}% {r:>22}")
+            e, s = row[name], row[name]["img_s"]
+            r = row["ratio"]
+            ratio = f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]" if name == "stepwise" else ""
+            line = (f"{row['device']:6} {row['mode']:5} {row.get(label, ''):>5} {name:9} "
+                    f"{s['median']:9.1f} [{s['min']:7.1f}, {s['max']:7.1f}] {e['flops_per_image'] / 1e9:9.3f} "
+                    f"{e['flop_s'] / 1e9:7.1f} {100 * e['peak_fraction']:5.1f}% {ratio:>21}")
+            if "cpu_img_s" in e:
+                c = row["cpu_time_ratio"]
+                cr = f"{c['median']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]" if name == "stepwise" else ""
+                line += f" | {e['cpu_img_s']['median']:14.1f} {100 * e['cpu_peak_fraction']:5.1f}% {cr:>22}"
+            print(line)
 
 
 def finish(result: dict, path: str | None) -> None:

@@ -47,7 +47,8 @@ def stepwise_run(model, diffusion, images, tcfg, device, mode: str, warmup: int,
     """train() for warmup + steps + 1 steps; times steps [warmup, warmup + steps)."""
     from stepwise.training import build_sampler, train
 
-    cfg = replace(tcfg, steps=warmup + steps + 1, device=str(device), precision="bf16" if bf16(device, mode) else "fp32",
+    cfg = replace(tcfg, steps=warmup + steps + 1, device=str(device),
+                  precision="bf16" if bf16(device, mode) else "fp32",
                   ckpt_every=tcfg.log_every * 10**6, eval_steps=[])
     clock = Clock(device)
     sampler = TimedSampler(build_sampler(cfg, diffusion.to(device)), clock, (warmup, warmup + steps))
@@ -139,8 +140,9 @@ def main(argv=None) -> int:
         return lambda: diffusers_run(model, images, tcfg, device, mode, warmup, steps)
 
     torch.manual_seed(0)
-    flops = {name: count_flops(runner(name, copy.deepcopy(m), torch.device("cpu"), "eager", 0, 1)) / (2 * args.batch_size)
-             for name, m in base.items()}  # the counted run is 2 steps: the timed one and the one after it
+    cpu = torch.device("cpu")  # the counted run is 2 steps: the timed one and the one after it
+    flops = {name: count_flops(runner(name, copy.deepcopy(m), cpu, "eager", 0, 1)) / (2 * args.batch_size)
+             for name, m in base.items()}
     print("FLOPs per training step (FlopCounterMode): " +
           "  ".join(f"{n} {flops[n] * args.batch_size / 1e9:.3f} GFLOP" for n in PAIR))
     result = {"benchmark": "train_throughput", "batch_size": args.batch_size, "rounds": args.rounds,
@@ -154,14 +156,15 @@ def main(argv=None) -> int:
         device = torch.device(dev)
         for mode in args.modes:
             dtype = torch.bfloat16 if bf16(device, mode) else torch.float32
-            peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak(device, dtype)
+            peak = (args.peak_tflops * 1e12,) * 2 if args.peak_tflops else matmul_peak(device, dtype)
             models, first = {}, {}
             for name, m in base.items():
                 models[name], setup = prepare(copy.deepcopy(m), device, mode)
                 first[name] = setup + runner(name, models[name], device, mode, 0, 1)()["seconds"]  # compiles
             runs = interleaved(args.rounds, {name: runner(name, models[name], device, mode, args.warmup, args.steps)
                                              for name in PAIR})
-            row = {"device": dev, "mode": mode, "dtype": str(dtype).removeprefix("torch."), "peak_flop_s": peak,
+            row = {"device": dev, "mode": mode, "dtype": str(dtype).removeprefix("torch."), "peak_flop_s": peak[0],
+                   "peak_flop_s_cpu_time": peak[1],
                    "peak_source": "--peak-tflops" if args.peak_tflops else "matmul probe",
                    **rates(runs, flops, peak, device)}
             for name in PAIR:
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
             result["results"].append(row)
     print(f"batch {args.batch_size}, {args.rounds} rounds of {args.steps} timed steps, "
           f"{torch.get_num_threads()} CPU threads; ratio = stepwise/diffusers img/s per round")
-    print_table(result["results"], "")
+    print_table(result["results"])
     finish(result, args.json)
     if result["banned_imports"]:
         print(f"warning: imported {result['banned_imports']}", file=sys.stderr)

@@ -29,7 +29,8 @@ def check_common(result: dict) -> None:
     env = result["environment"]
     assert env["threads"] == 1 and len(env["loadavg_start"]) == 3 and "diffusers" in env
     for row in result["results"]:
-        assert row["device"] == "cpu" and row["mode"] == "eager" and row["dtype"] == "float32" and row["peak_flop_s"] > 0
+        assert row["device"] == "cpu" and row["mode"] == "eager" and row["dtype"] == "float32"
+        assert row["peak_flop_s"] > 0 and row["peak_flop_s_cpu_time"] > 0
         for name in ("stepwise", "diffusers"):
             e = row[name]
             s = e["img_s"]
@@ -37,10 +38,13 @@ def check_common(result: dict) -> None:
             assert len(e["cpu_img_s"]["values"]) == result["rounds"]
             assert e["flop_s"] == pytest.approx(s["median"] * e["flops_per_image"])
             assert e["peak_fraction"] == pytest.approx(e["flop_s"] / row["peak_flop_s"])
+            assert e["cpu_peak_fraction"] == pytest.approx(e["cpu_flop_s"] / row["peak_flop_s_cpu_time"])
             assert e["first_call_s"] > 0
         a, b = row["stepwise"]["img_s"]["values"], row["diffusers"]["img_s"]["values"]
         assert row["ratio"]["values"] == pytest.approx([x / y for x, y in zip(a, b)])
         assert row["ratio_of_medians"] > 0 and row["cpu_time_ratio"]["median"] > 0
+        for r in (row["ratio"], row["cpu_time_ratio"]):
+            assert r["min"] <= r["ci95"][0] <= r["median"] <= r["ci95"][1] <= r["max"]
 
 
 @pytest.mark.timeout(120)

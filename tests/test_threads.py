@@ -26,7 +26,8 @@ def registry(tmp_path, monkeypatch):
 
 
 def test_fair_share_divides_cores_at_least_one():
-    assert [fair_share(2, 2), fair_share(16, 3), fair_share(1, 4), fair_share(4, 0), fair_share(8, 1)] == [1, 5, 1, 4, 8]
+    cases = [(2, 2), (16, 3), (1, 4), (4, 0), (8, 1)]
+    assert [fair_share(cores, procs) for cores, procs in cases] == [1, 5, 1, 4, 8]
 
 
 def test_environment_overrides(registry, monkeypatch):

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stepwise.models.unet import AttnBlock, Downsample, ResBlock, UNet, Upsample, nearest_x2_phase_kernels, timestep_embedding
+from stepwise.models.unet import (AttnBlock, Downsample, ResBlock, UNet, Upsample, nearest_x2_phase_kernels,
+                                  timestep_embedding)
 
 
 def literal_upsample(block: Upsample, x, size=None):
@@ -107,3 +108,19 @@ def test_unet_matches_the_literal_formulas(size, mult, res):
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
     params = list(model.parameters())
     assert_close_grads(grads(ref, params), grads(fast, params))
+
+
+def test_flop_counter_sees_the_subpixel_convolution():
+    """FlopCounterMode's global module hooks must not switch Upsample to the literal form: count what runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = UNet(image_size=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
+    counts = []
+    for forward in (model, lambda x, t: literal_unet(model, x, t)):
+        with FlopCounterMode(display=False) as counter:
+            forward(x, t)
+        counts.append(counter.get_total_flops())
+    up = model.up[1][-1].conv  # the one Upsample: 16 ch, 8x8 -> 16x16
+    pairs = 2 * 2 * up.in_channels * up.out_channels  # multiply-add x batch x channel pairs
+    assert counts[1] - counts[0] == pairs * (16 * 16 * 9 - 9 * 9 * 4 * 4)  # 9 taps at 16x16 vs 4 phases x 4 taps at 9x9

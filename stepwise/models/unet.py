@@ -96,9 +96,9 @@ def nearest_x2_phase_kernels(w: torch.Tensor) -> torch.Tensor:
 
 
 def observed(module: nn.Module) -> bool:
-    """Whether forward hooks watch `module` (Torch-Pruning's tracer, MAC counters), so it must run as itself."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
+    """Whether forward hooks on `module` watch it (Torch-Pruning's tracer, MAC counters), so it must run as itself.
+    (Global module hooks, as torch's FlopCounterMode installs, do not count: they should see what runs.)"""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class Upsample(nn.Module):
