@@ -97,23 +97,46 @@ def _label(client, flow_run_id, labels: dict[str, str]) -> None:
 # ----------------------------------------------------------------------------------------------- the worker side
 
 class _Watch(threading.Thread):
-    """While the stage runs: a heartbeat label every `heartbeat_s`, the persistent outputs mirrored every `sync_s`,
-    and fencing: once the flow run is no longer Running (the coordinator gave it up), stop the stage."""
+    """For the whole stage flow run: a heartbeat label every `heartbeat_s`, and fencing: once the flow run is no
+    longer Running (the coordinator gave it up), stop the stage and mirror nothing more. While a `sync` function is
+    set (the stage runs), the persistent outputs are mirrored every `sync_s`."""
 
-    def __init__(self, flow_run_id: str, heartbeat_s: float, sync_s: float, sync, log):
+    def __init__(self, flow_run_id: str, heartbeat_s: float, sync_s: float, log):
         super().__init__(daemon=True, name="stepwise-watch")
-        self.flow_run_id, self.heartbeat_s, self.sync_s = flow_run_id, heartbeat_s, sync_s
-        self.sync, self.log = sync, log
+        self.flow_run_id, self.heartbeat_s, self.sync_s, self.log = flow_run_id, heartbeat_s, sync_s, log
         self.proc = None
         self.fenced: str | None = None
+        self._sync = None
+        self._sync_lock = threading.Lock()  # one mirroring at a time: the last one written is the newest
         self._halt = threading.Event()
 
     def attach(self, proc) -> None:
         self.proc = proc
 
+    def start_sync(self, sync) -> None:
+        self._sync = sync
+
+    def final_sync(self) -> None:
+        """Mirror once more (unless fenced) and stop mirroring."""
+        with self._sync_lock:
+            sync, self._sync = self._sync, None
+            if sync is not None and not self.fenced:
+                try:
+                    sync()
+                except Exception as e:  # noqa: BLE001 - already failing, or the outputs go up anyway
+                    self.log.warning("final mirroring of the persistent outputs failed: %s", e)
+
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=60)
+
+    def _mirror(self) -> None:
+        with self._sync_lock:
+            if self._sync is not None and not self.fenced:
+                try:
+                    self._sync()
+                except Exception as e:  # noqa: BLE001 - the remote is unreachable now: the next pass retries
+                    self.log.warning("mirroring the persistent outputs failed: %s", e)
 
     def run(self) -> None:
         from prefect.client.orchestration import get_client
@@ -139,10 +162,7 @@ class _Watch(threading.Thread):
                         return
                 if now >= next_sync:
                     next_sync = now + self.sync_s
-                    try:
-                        self.sync()
-                    except Exception as e:  # noqa: BLE001 - the remote is unreachable now: the next pass retries
-                        self.log.warning("mirroring the persistent outputs failed: %s", e)
+                    self._mirror()
 
 
 def stop_process_group(proc, grace_s: float = STOP_GRACE_S) -> None:
@@ -166,8 +186,7 @@ def _mismatch(message: str) -> BusError:
 
 
 def _run_here(stage: str, commit: str, params_yaml: str, upstream_lock: dict, upstream_files: dict, namespace: str,
-              remote: str | None, env: dict, force: bool, heartbeat_s: float, sync_s: float, repo: Path,
-              flow_run_id: str, log) -> dict:
+              remote: str | None, env: dict, force: bool, repo: Path, flow_run_id: str, watch: _Watch, log) -> dict:
     head = git(repo, "rev-parse", "HEAD")
     if head != commit:
         raise _mismatch(f"this worker's checkout {repo} is at commit {head[:12]}, the coordinator's at "
@@ -200,37 +219,30 @@ def _run_here(stage: str, commit: str, params_yaml: str, upstream_lock: dict, up
             log.info("persistent outputs restored from the remote (%d files, mirrored by %s at %s)",
                      len(state["files"]), state.get("worker"), state.get("time"))
 
-    def sync() -> None:
-        if persist:
+        def sync() -> None:
             files = bus.put_files(persist, skip_hidden=True)
             bus.put_json({"files": files, "worker": worker_name(), "flow_run": flow_run_id,
                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, *state_parts)
 
-    watch = _Watch(flow_run_id, heartbeat_s, sync_s, sync, log)
-    watch.start()
+        watch.start_sync(sync)
     proc_box: list = []
     try:
         summary = run_repro(stage, str(repo), {**env, WORKER_ENV: worker_name(), FLOW_RUN_ENV: flow_run_id}, force, log,
                             on_start=lambda p: (proc_box.append(p), watch.attach(p)), new_session=True)
-    except StageFailed:
-        if watch.fenced:
-            raise BusError(f"stopped: {watch.fenced}") from None
-        raise
     finally:
-        watch.stop()
         if proc_box:
             stop_process_group(proc_box[0])  # still running only when this flow run is being torn down
-        if not watch.fenced:  # a fenced attempt no longer owns the stage's state on the remote
-            try:
-                sync()  # what a retry resumes from; after success, the final state
-            except Exception as e:  # noqa: BLE001 - already failing, or the outputs below go up anyway
-                log.warning("final mirroring of the persistent outputs failed: %s", e)
+        watch.final_sync()  # what a retry resumes from; after success, the final state
+    if watch.fenced:
+        raise BusError(f"stopped: {watch.fenced}")
 
     bus.push_cached([stage])
     files = bus.put_files([o.path for o in spec.outs if not o.cached])
     entry = read_lock(repo).get(stage)
     if entry is None:
         raise BusError(f"dvc repro left no dvc.lock entry for {stage} in {repo}")
+    if watch.fenced:
+        raise BusError(f"stopped: {watch.fenced}")
     result = {"stage": stage, "lock": entry, "files": files, "worker": worker_name(), "host": socket.gethostname(),
               "flow_run": flow_run_id, "status": summary["status"], "seconds": summary["seconds"]}
     bus.put_json(result, "runs", namespace, stage, f"result-{flow_run_id}.json")
@@ -253,15 +265,20 @@ def stage_flow(stage: str, commit: str, params_yaml: str, upstream_lock: dict, u
     with get_client(sync_client=True) as client:
         _label(client, flow_run_id, {WORKER_LABEL: worker_name(), STAGE_LABEL: stage})
     log.info("%s on worker %s (%s), checkout %s", stage, worker_name(), socket.gethostname(), Path(repo).resolve())
+    watch = _Watch(flow_run_id, heartbeat_seconds, sync_every_seconds, log)
+    watch.start()
     try:
         return _run_here(stage, commit, params_yaml, upstream_lock or {}, upstream_files or {}, namespace, remote,
-                         env or {}, force, heartbeat_seconds, sync_every_seconds, Path(repo).resolve(), flow_run_id,
-                         log)
+                         env or {}, force, Path(repo).resolve(), flow_run_id, watch, log)
     except (StageFailed, BusError) as e:
+        if watch.fenced:
+            raise BusError(f"stopped: {watch.fenced}") from None
         if not e.transient:
             with get_client(sync_client=True) as client:
                 _label(client, flow_run_id, {TRANSIENT_LABEL: "false"})
         raise
+    finally:
+        watch.stop()
 
 
 # ------------------------------------------------------------------------------------------ the coordinator side
