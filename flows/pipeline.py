@@ -3,6 +3,7 @@
     python -m flows.pipeline                              # the whole pipeline, locally (ephemeral Prefect, no server)
     python -m flows.pipeline --stages prepare featnet     # only these stages (names or globs: 'finetune@*')
     python -m flows.pipeline --stages 'finetune@*' --upstream --retries 3 --max-parallel 2
+    python -m flows.pipeline --distributed --pool gpu     # foreach stages on GPU workers (flows/distributed.py)
 
 Each task shells out to `dvc --wait-for-lock repro --single-item <stage>`, so DVC still decides whether the stage is
 stale (an up-to-date stage is a no-op) and still writes dvc.lock; Prefect only orders, retries and records. The stage
@@ -12,8 +13,13 @@ the members of a foreach group, run concurrently (DVC releases its repo lock whi
 Bound the concurrency with `--max-parallel` or `PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS`.
 
 Stage subprocesses get STEPWISE_PIPELINE_RUN and STEPWISE_PREFECT_FLOW_RUN set to the flow run id, so the MLflow
-runs of one flow run share one parent run (tagged `stepwise.pipeline` and `prefect_flow_run_id`, see stages/common.py).
+runs of one flow run share one parent run (tagged `stepwise.pipeline` and `prefect_flow_run_id`, see
+stepwise/tracking.py).
 Prefect result caching is off for these tasks: a cached Prefect result would skip a stage that DVC knows is stale.
+
+With --distributed, the dispatched stages (default: every foreach stage) run instead as flow runs of the
+`stepwise-stage` deployment on a work pool's workers, their artifacts moving through a DVC remote; everything else
+stays as above (see flows/distributed.py and docs/orchestration.md).
 """
 from __future__ import annotations
 
@@ -36,16 +42,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.runtime import task_run as runtime_task_run
 
+from flows.artifact_bus import dvc_command
+
 SUMMARY_ARTIFACT_KEY = "stepwise-pipeline-summary"
 STDERR_TAIL_LINES = 40
 DEFAULT_RETRIES = 2
 DEFAULT_RETRY_DELAY_S = 30.0
 PROJECT_ERROR_EXIT = 2  # stages/common.run_stage exits 2 on a StepwiseError: bad params/data, never transient
-
-
-def dvc_command() -> list[str]:
-    """DVC from this interpreter's environment (not whatever `dvc` is first on PATH)."""
-    return [sys.executable, "-m", "dvc"]
+# distributed runs (flows/distributed.py)
+DEFAULT_POOL, STAGE_DEPLOYMENT = "gpu", "stepwise-stage/stage"
+HEARTBEAT_S, LOST_AFTER_S, SYNC_S, POLL_S = 10.0, 120.0, 30.0, 5.0
 
 
 class StageFailed(RuntimeError):
@@ -74,14 +80,15 @@ def classify_failure(stderr: str) -> tuple[int | None, bool]:
 
 
 def _retry_if_transient(task_, task_run, state) -> bool:
-    """retry_condition_fn: retry StageFailed only when transient; retry anything else (unexpected errors)."""
+    """retry_condition_fn: retry an error that says it is not transient (`.transient`: StageFailed, a remote
+    stage's failure) only when it is; retry anything else (unexpected errors)."""
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
         try:
             state.result()
         except BaseException as e:  # noqa: BLE001 - we only inspect it
             exc = e
-    return not isinstance(exc, StageFailed) or exc.transient
+    return bool(getattr(exc, "transient", True))
 
 
 def _pump(stream, sink: deque | None, log, prefix: str) -> None:
@@ -93,16 +100,17 @@ def _pump(stream, sink: deque | None, log, prefix: str) -> None:
     stream.close()
 
 
-@task(name="dvc-repro", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False,
-      retries=DEFAULT_RETRIES, retry_delay_seconds=DEFAULT_RETRY_DELAY_S, retry_condition_fn=_retry_if_transient)
-def repro_stage(stage: str, repo: str, env: dict[str, str], force: bool = False) -> dict:
-    """`dvc --wait-for-lock repro --single-item [-f] <stage>` in `repo`; StageFailed with the stderr tail on failure."""
-    log = get_run_logger()
+def run_repro(stage: str, repo: str, env: dict[str, str], force: bool, log, on_start=None,
+              new_session: bool = False) -> dict:
+    """`dvc --wait-for-lock repro --single-item [-f] <stage>` in `repo`, its output streamed to `log`; StageFailed
+    with the stderr tail on failure. `on_start(proc)` sees the process once started; `new_session` starts it in its
+    own process group (so that one signal reaches DVC and the stage command under it)."""
     cmd = [*dvc_command(), "--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage]
-    log.info("running %s (attempt %d)", " ".join(cmd[2:]), runtime_task_run.run_count)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, bufsize=1)
+                            stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=new_session)
+    if on_start is not None:
+        on_start(proc)
     out: deque = deque(maxlen=200)
     err: deque = deque(maxlen=STDERR_TAIL_LINES)
     pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, log, f"[{stage}]"), daemon=True),
@@ -117,8 +125,16 @@ def repro_stage(stage: str, repo: str, env: dict[str, str], force: bool = False)
         raise StageFailed(stage, rc, "\n".join(err), cmd_exit, transient)
     text = "\n".join(out)
     ran = f"Running stage '{stage}'" in text or "Running callback stage" in text
-    return {"stage": stage, "status": "ran" if ran else "up to date", "seconds": round(time.monotonic() - start, 1),
-            "attempts": runtime_task_run.run_count}
+    return {"stage": stage, "status": "ran" if ran else "up to date", "seconds": round(time.monotonic() - start, 1)}
+
+
+@task(name="dvc-repro", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False,
+      retries=DEFAULT_RETRIES, retry_delay_seconds=DEFAULT_RETRY_DELAY_S, retry_condition_fn=_retry_if_transient)
+def repro_stage(stage: str, repo: str, env: dict[str, str], force: bool = False) -> dict:
+    """`dvc --wait-for-lock repro --single-item [-f] <stage>` in `repo`; StageFailed with the stderr tail on failure."""
+    log = get_run_logger()
+    log.info("running dvc repro --single-item %s (attempt %d)", stage, runtime_task_run.run_count)
+    return {**run_repro(stage, repo, env, force, log), "attempts": runtime_task_run.run_count}
 
 
 @task(name="compose-params", cache_policy=NO_CACHE, persist_result=False)
@@ -237,7 +253,8 @@ def summary_markdown(summary: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------- the flows
 
 def _orchestrate(repo: str, patterns: list[str] | None, params_overrides: list[str] | None, retries: int,
-                 retry_delay_seconds: float, upstream: bool, force: bool, pipeline_run: str | None) -> dict:
+                 retry_delay_seconds: float, upstream: bool, force: bool, pipeline_run: str | None,
+                 distributed: dict | None = None) -> dict:
     log = get_run_logger()
     repo = str(Path(repo).resolve())
     run_id = str(runtime_flow_run.id)
@@ -252,10 +269,22 @@ def _orchestrate(repo: str, patterns: list[str] | None, params_overrides: list[s
     log.info("stages to run: %s", ", ".join(order) or "(none)")
 
     runner = repro_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    plan = None
+    if distributed is not None:
+        from flows.distributed import prepare_dispatch, run_remote_stage
+
+        mlflow_uri = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]} \
+            if os.environ.get("MLFLOW_TRACKING_URI") else {}
+        plan = prepare_dispatch(repo, namespace=pipeline_run or run_id, env={**env, **mlflow_uri}, force=force,
+                                **distributed)
+        remote_runner = run_remote_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     futures = {}
     for stage in order:  # topological order: a stage's upstream futures exist before it is submitted
         ups = [futures[s] for s in ancestors(graph, stage) if s in futures]
-        futures[stage] = runner.submit(stage, repo, env, force, wait_for=ups)
+        if plan is not None and plan.dispatches(stage):
+            futures[stage] = remote_runner.submit(stage, plan, wait_for=ups)
+        else:
+            futures[stage] = runner.submit(stage, repo, env, force, wait_for=ups)
 
     stages, failures = {}, []
     for stage, fut in futures.items():
@@ -283,14 +312,32 @@ def _orchestrate(repo: str, patterns: list[str] | None, params_overrides: list[s
 @flow(name="stepwise-pipeline", persist_result=False)
 def pipeline(repo: str = ".", stages: list[str] | None = None, params_overrides: list[str] | None = None,
              retries: int = DEFAULT_RETRIES, retry_delay_seconds: float = DEFAULT_RETRY_DELAY_S,
-             upstream: bool = False, force: bool = False, pipeline_run: str | None = None) -> dict:
+             upstream: bool = False, force: bool = False, pipeline_run: str | None = None,
+             distributed: bool = False, pool: str = DEFAULT_POOL, deployment: str = STAGE_DEPLOYMENT,
+             remote: str | None = None, dispatch: list[str] | None = None, max_parallel: int | None = None,
+             heartbeat_seconds: float = HEARTBEAT_S, lost_after_seconds: float = LOST_AFTER_S,
+             sync_every_seconds: float = SYNC_S, remote_timeout_seconds: float | None = None) -> dict:
     """Run the DVC pipeline in `repo` stage by stage.
 
     stages: stage names or globs ('finetune@*'); default every stage. upstream: also run what they depend on.
     params_overrides: Hydra overrides; params.yaml is recomposed from conf/ with them first (it is rewritten in place).
     retries / retry_delay_seconds: per stage, for transient failures only. force: `dvc repro --force`.
-    pipeline_run: the MLflow parent-run key (STEPWISE_PIPELINE_RUN); default this flow run's id."""
-    return _orchestrate(repo, stages, params_overrides, retries, retry_delay_seconds, upstream, force, pipeline_run)
+    pipeline_run: the MLflow parent-run key (STEPWISE_PIPELINE_RUN), and in a distributed run the remote folder of
+    its stages' checkpoints (pass the same name again to resume them); default this flow run's id.
+
+    distributed: dispatch stages (`dispatch` globs, default every foreach stage) as flow runs of `deployment` on work
+    pool `pool` (registered there if missing), artifacts through DVC remote `remote` (default: the default
+    remote), at most `max_parallel` at once; see flows/distributed.py. A worker silent for `lost_after_seconds`
+    (it sends a heartbeat every `heartbeat_seconds`) is lost and its stage dispatched again, resuming from the
+    checkpoints it mirrored every `sync_every_seconds`; `remote_timeout_seconds` bounds one dispatched run."""
+    options = None
+    if distributed:
+        options = {"pool": pool, "deployment": deployment, "remote": remote, "patterns": dispatch,
+                   "max_parallel": max_parallel, "heartbeat_s": heartbeat_seconds,
+                   "lost_after_s": lost_after_seconds, "sync_s": sync_every_seconds,
+                   "poll_s": min(POLL_S, heartbeat_seconds), "timeout_s": remote_timeout_seconds}
+    return _orchestrate(repo, stages, params_overrides, retries, retry_delay_seconds, upstream, force, pipeline_run,
+                        options)
 
 
 @flow(name="stepwise-finetune-group", persist_result=False)
@@ -311,9 +358,28 @@ def main(argv=None) -> int:
     parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="retries per stage (transient failures)")
     parser.add_argument("--retry-delay", type=float, default=DEFAULT_RETRY_DELAY_S, help="seconds between retries")
     parser.add_argument("--force", action="store_true", help="dvc repro --force")
-    parser.add_argument("--max-parallel", type=int, help="at most this many stages at once (default: unbounded)")
+    parser.add_argument("--max-parallel", type=int,
+                        help="at most this many stages at once; with --distributed, dispatched stages (default: "
+                             "unbounded)")
     parser.add_argument("--set", dest="overrides", nargs="+", metavar="OVERRIDE",
                         help="Hydra overrides; recompose params.yaml first, e.g. --set experiment=ci")
+    parser.add_argument("--pipeline-run", help="MLflow parent-run key and checkpoint folder on the remote; pass a "
+                                               "killed distributed run's name again to resume (default: flow run id)")
+    dist = parser.add_argument_group("distributed (flows/distributed.py; needs a Prefect server: PREFECT_API_URL)")
+    dist.add_argument("--distributed", action="store_true",
+                      help="run the dispatched stages as flow runs on a work pool's workers")
+    dist.add_argument("--pool", default=DEFAULT_POOL, help="the work pool (default: %(default)s)")
+    dist.add_argument("--deployment", default=STAGE_DEPLOYMENT,
+                      help="the stage deployment; registered on --pool if missing (default: %(default)s)")
+    dist.add_argument("--remote", help="the DVC remote that carries artifacts, by name (default: the default remote)")
+    dist.add_argument("--dispatch", nargs="+", metavar="GLOB",
+                      help="the stages to dispatch (default: every foreach stage, e.g. finetune@*, prune@*)")
+    dist.add_argument("--heartbeat", type=float, default=HEARTBEAT_S, help="seconds between worker heartbeats")
+    dist.add_argument("--lost-after", type=float, default=LOST_AFTER_S,
+                      help="seconds without a sign of life after which a worker is lost and its stage re-dispatched")
+    dist.add_argument("--sync-every", type=float, default=SYNC_S,
+                      help="seconds between mirrorings of a running stage's checkpoints to the remote")
+    dist.add_argument("--remote-timeout", type=float, help="seconds after which one dispatched run is given up")
     args = parser.parse_args(argv)
 
     from prefect.settings import (
@@ -323,15 +389,20 @@ def main(argv=None) -> int:
     from prefect.task_runners import ThreadPoolTaskRunner
 
     flow_ = pipeline
-    if args.max_parallel:
+    if args.max_parallel and not args.distributed:
         flow_ = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.max_parallel))
+    distributed = {} if not args.distributed else {
+        "distributed": True, "pool": args.pool, "deployment": args.deployment, "remote": args.remote,
+        "dispatch": args.dispatch, "max_parallel": args.max_parallel, "heartbeat_seconds": args.heartbeat,
+        "lost_after_seconds": args.lost_after, "sync_every_seconds": args.sync_every,
+        "remote_timeout_seconds": args.remote_timeout}
     # The ephemeral server (no PREFECT_API_URL) can take a while to start on a busy machine.
     updates = {} if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ else {
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90}
     with temporary_settings(updates=updates):
         state = flow_(repo=args.repo, stages=args.stages, params_overrides=args.overrides, retries=args.retries,
                       retry_delay_seconds=args.retry_delay, upstream=args.upstream, force=args.force,
-                      return_state=True)
+                      pipeline_run=args.pipeline_run, return_state=True, **distributed)
     if not state.is_completed():
         print(f"pipeline {state.name}: {state.message}", file=sys.stderr)
         return 1

@@ -317,11 +317,15 @@ def test_classify_failure(stderr, expected):
 # ----------------------------------------------------------------------------------------------- deployment config
 
 def test_repo_prefect_yaml_is_valid():
-    assert check_prefect_yaml(REPO / "prefect.yaml") == ["pipeline", "finetune-group"]
+    assert check_prefect_yaml(REPO / "prefect.yaml") == ["pipeline", "finetune-group", "stage"]
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    for dep in doc["deployments"]:
+    deps = {d["name"]: d for d in doc["deployments"]}
+    for dep in deps.values():
         assert dep["work_pool"]["name"] == "gpu"
-        assert "CUDA_VISIBLE_DEVICES" in dep["work_pool"]["job_variables"]["env"]
+    for name in ("pipeline", "finetune-group"):
+        assert "CUDA_VISIBLE_DEVICES" in deps[name]["work_pool"]["job_variables"]["env"]
+    # a distributed stage takes the GPU its worker was started with: no env to override the worker's
+    assert "env" not in deps["stage"]["work_pool"]["job_variables"]
 
 
 def test_prefect_deploy_accepts_repo_prefect_yaml(tmp_path, prefect_api):
@@ -339,13 +343,43 @@ def test_prefect_deploy_accepts_repo_prefect_yaml(tmp_path, prefect_api):
         assert proc.returncode == 0, f"{cmd}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     whole = prefect_api.read_deployment_by_name("stepwise-pipeline/pipeline")
     group = prefect_api.read_deployment_by_name("stepwise-finetune-group/finetune-group")
-    for dep in (whole, group):
+    stage = prefect_api.read_deployment_by_name("stepwise-stage/stage")
+    for dep in (whole, group, stage):
         assert dep.work_pool_name == "gpu"
-        assert dep.job_variables["env"]["CUDA_VISIBLE_DEVICES"] == "0"
         assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory":
                                    {"directory": "{{ $STEPWISE_REPO }}"}}]
+    for dep in (whole, group):
+        assert dep.job_variables["env"]["CUDA_VISIBLE_DEVICES"] == "0"
     assert group.parameters["group"] == "0" and group.entrypoint == "flows/pipeline.py:finetune_group"
     assert [(s.schedule.cron, s.active) for s in whole.schedules] == [("0 2 * * *", False)]
+    assert stage.entrypoint == "flows/distributed.py:stage_flow"
+    assert {"stage", "commit", "params_yaml", "upstream_lock"} <= set(stage.parameter_openapi_schema["properties"])
+
+
+def test_coordinator_registers_the_stage_deployment_it_needs(prefect_api):
+    """--distributed registers `stepwise-stage/stage` on --pool as prefect.yaml defines it; a missing pool, or an
+    existing deployment on another pool, is one clear error."""
+    import logging
+
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.artifact_bus import BusError
+    from flows.distributed import PULL_STEPS, STAGE_ENTRYPOINT, ensure_deployment
+
+    log = logging.getLogger("test")
+    name = "stepwise-stage/registered-here"
+    with pytest.raises(BusError, match=r"work pool 'no-such-pool' not found: `prefect work-pool create no-such-pool"):
+        ensure_deployment(prefect_api, name, "no-such-pool", log)
+    prefect_api.create_work_pool(WorkPoolCreate(name="gpu-here", type="process"), overwrite=True)
+    ensure_deployment(prefect_api, name, "gpu-here", log)
+    dep = prefect_api.read_deployment_by_name(name)
+    assert (dep.work_pool_name, dep.entrypoint, dep.pull_steps) == ("gpu-here", STAGE_ENTRYPOINT, PULL_STEPS)
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (stage,) = [d for d in doc["deployments"] if d["name"] == "stage"]
+    assert stage["entrypoint"] == STAGE_ENTRYPOINT and doc["pull"] == PULL_STEPS
+    ensure_deployment(prefect_api, name, "gpu-here", log)  # already there: used as it is
+    with pytest.raises(BusError, match=r"sends its runs to work pool 'gpu-here', not 'gpu'"):
+        ensure_deployment(prefect_api, name, "gpu", log)
 
 
 def test_known_job_variables_match_prefects_process_worker():
@@ -359,8 +393,8 @@ def _bad(tmp_path, mutate) -> Path:
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     mutate(doc["deployments"][0])
     (tmp_path / "flows").mkdir()
-    for f in ("pipeline.py", "deploy_check.py"):
-        (tmp_path / "flows" / f).write_text((REPO / "flows" / f).read_text())
+    for f in (REPO / "flows").glob("*.py"):
+        (tmp_path / "flows" / f.name).write_text(f.read_text())
     path = tmp_path / "prefect.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -406,4 +440,4 @@ def test_deploy_check_lists_every_problem_and_cli_exit_code(tmp_path):
                           text=True)
     assert proc.returncode == 1 and "2 problem(s)" in proc.stderr and "work_pool.name" in proc.stderr
     ok = subprocess.run([sys.executable, "-m", "flows.deploy_check"], cwd=REPO, capture_output=True, text=True)
-    assert ok.returncode == 0 and "2 deployment(s) OK" in ok.stdout
+    assert ok.returncode == 0 and "3 deployment(s) OK" in ok.stdout
