@@ -261,7 +261,7 @@ def stage_run(stage: str, params: dict, stage_params: dict):
     close_orphans(client, exp_id, parent, dvc_stage)
     tags = {"git_sha": git_sha(), "dvc_stage": dvc_stage, "stage": stage,
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), PID_TAG: str(os.getpid()),
-            HOST_TAG: socket.gethostname()}
+            HOST_TAG: socket.gethostname(), "stepwise.worker": os.environ.get("STEPWISE_WORKER", "")}
     with _sigterm_raises(), mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent,
                                              tags=tags) as run:
         tracker = Tracker(mlflow, run.info.run_id, parent)
