@@ -14,9 +14,10 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from stepwise.artifacts import load_split_for, read_metrics, write_table
+from stepwise.artifacts import load_samples, load_split_for, read_metrics, write_table
 from stepwise.errors import ConfigError
-from stepwise.evaluation import inception_weights, sample, sample_and_save, scores, stored_scores, throughput
+from stepwise.evaluation import (delta_intervals, inception_weights, sample, sample_and_save, scores, stored_scores,
+                                 throughput)
 from stepwise.featnet import load_featnet
 from stepwise.sampling import timestep_subsequence
 from stepwise.pruning.ensemble import (ENSEMBLES, GOAL_MACS_SAVING, GOAL_METRIC, load_pruned_router,
@@ -55,14 +56,18 @@ def main(args, cfg) -> None:
         run.log_artifact(Path(args.out) / "grid.png", "pruned")
         stored = {"unified": (args.unified_samples, args.unified_metrics, ""),
                   "tdc": (args.tdc_samples, args.tdc_metrics, "tdc.")}
+        drawn = {"pruned": images}
         for name, model in (("unified", router.fallback), ("tdc", router)):
             reused = stored_scores(*stored[name], scfg, ecfg.num_samples, GOAL_METRIC)
             metrics[f"{name}/scores_reused"] = float(reused is not None)
             if reused is None:
                 log.info("%s: stored scores were drawn with other sample settings: sampling again", name)
-                reused = scores(sample(model, diffusion, shape, scfg, ecfg.num_samples, device), test_images, ecfg,
-                                args.featnet, inception, device)
+                drawn[name] = sample(model, diffusion, shape, scfg, ecfg.num_samples, device)
+                reused = scores(drawn[name], test_images, ecfg, args.featnet, inception, device)
+            else:
+                drawn[name] = load_samples(stored[name][0], scfg)
             found[name] = {k: v for k, v in reused.items() if k in found["pruned"]}
+        metrics.update(delta_intervals(drawn, test_images, "pruned", ("unified", "tdc"), ecfg, args.featnet, device))
         speed = throughput(dict(zip(ENSEMBLES, (router.fallback, router, pruned))), diffusion, shape, scfg,
                            pecfg.throughput_samples, pecfg.throughput_repeats, device)
         metrics.update(pruned_ensemble_metrics(found, per_step, speed, pruned_macs, pruned_metas, full,

@@ -12,9 +12,9 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from stepwise.artifacts import load_model, load_split_for, read_metrics
+from stepwise.artifacts import load_model, load_samples, load_split_for, read_metrics
 from stepwise.errors import ConfigError
-from stepwise.evaluation import inception_weights, sample_and_save, score_deltas, scores
+from stepwise.evaluation import delta_intervals, inception_weights, sample_and_save, score_deltas, scores
 from stepwise.tdc import compute_accounting, expert_coverage, load_router
 from stepwise.distributed import resolve_device
 from stepwise.tracking import stage_run
@@ -35,12 +35,14 @@ def main(args, cfg) -> None:
                           f"rerun `dvc repro continue_unified`")
     unified_metrics = read_metrics(args.unified_metrics, "dvc repro evaluate")
     test_images = load_split_for(args.unified, unified_meta, shape, args.data, "test")
+    unified_images = load_samples(args.unified_samples, scfg)  # (N, C, H, W) uint8, drawn with the same noise
     device = resolve_device("auto")
     with stage_run("evaluate_tdc", cfg.raw, {"sample": asdict(scfg), "eval": asdict(ecfg)}) as run:
         metrics = {"expert_coverage": expert_coverage(router, diffusion.T), "num_samples": ecfg.num_samples}
-        found = {}
+        found, drawn = {}, {"unified": unified_images}
         for name, model, out in (("tdc", router, args.out_tdc), ("continued", continued, args.out_continued)):
             images, seconds = sample_and_save(model, diffusion, shape, scfg, ecfg.num_samples, device, out)
+            drawn[name] = images
             found[name] = scores(images, test_images, ecfg, args.featnet, inception, device)
             metrics[f"{name}/sampling_seconds"] = seconds
             run.log_artifact(Path(out) / "grid.png", name)
@@ -48,6 +50,8 @@ def main(args, cfg) -> None:
         for name, values in found.items():
             metrics.update({f"{name}/{k}": v for k, v in values.items()})
         metrics.update(score_deltas(found, "tdc", ("unified", "continued")))
+        metrics.update(delta_intervals(drawn, test_images, "tdc", ("unified", "continued"), ecfg, args.featnet,
+                                       device))
         metrics.update(compute_accounting(unified_meta, expert_metas, continued_meta))
         if not metrics["compute/matched"]:
             log.warning("compute not matched: experts saw %d images, the continued unified model %d",
@@ -57,7 +61,8 @@ def main(args, cfg) -> None:
 
 def configure(parser) -> None:
     add_paths(parser, "data", "groups", "experts", "unified", "continued", "featnet", "unified_metrics",
-              out_tdc="samples/tdc", out_continued="samples/continued", metrics=ARTIFACTS["tdc_metrics"])
+              out_tdc="samples/tdc", out_continued="samples/continued", metrics=ARTIFACTS["tdc_metrics"],
+              unified_samples="samples/unified/samples.pt")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import torch
 
 from .artifacts import load_samples, save_samples
 from .errors import ConfigError, DataError
-from .fidelity import INCEPTION_WEIGHTS, fidelity_metrics, find_inception_weights
+from .fidelity import (INCEPTION_WEIGHTS, extract_features, feature_difference_intervals, feature_intervals,
+                       fidelity_metrics, find_inception_weights)
 from .sampling import generate, to_uint8
 from .visualise import save_grid
 
@@ -54,10 +55,19 @@ def inception_weights(ecfg) -> Path | None:
 
 
 def scores(images: torch.Tensor, test_images: torch.Tensor, ecfg, featnet, inception, device) -> dict:
-    """eval's FID/KID/PR of uint8 samples against the test images in FeatNet features, and Inception's if given."""
+    """eval's FID/KID/PR of uint8 samples against the test images in FeatNet features, each with its 95 % bootstrap
+    interval over samples (`<metric>_featnet_lo` / `_hi`, eval.bootstrap resamples; KID is then the all-pairs
+    estimate), and Inception's point values if its weights are given."""
     kw = dict(fid=ecfg.fid, kid=ecfg.kid, prc=ecfg.prc, kid_subset_size=ecfg.kid_subset_size,
               cuda=device.type == "cuda")
-    out = fidelity_metrics(images, test_images, extractor="featnet", weights_path=featnet, **kw)
+    if ecfg.bootstrap:
+        fake, real = (featnet_features(x, featnet, device) for x in (images, test_images))
+        out = {}
+        for name, iv in feature_intervals(fake, real, n_boot=ecfg.bootstrap, fid=ecfg.fid, kid=ecfg.kid,
+                                          prc=ecfg.prc).items():
+            out.update({f"{name}_featnet": iv.estimate, f"{name}_featnet_lo": iv.lo, f"{name}_featnet_hi": iv.hi})
+    else:
+        out = fidelity_metrics(images, test_images, extractor="featnet", weights_path=featnet, **kw)
     if inception:
         out.update(fidelity_metrics(images, test_images, extractor="inception", weights_path=inception, **kw))
     return out
@@ -96,8 +106,30 @@ def throughput(models: dict, diffusion, shape, scfg, samples: int, repeats: int,
     return {name: samples / seconds for name, seconds in best.items()}
 
 
+def featnet_features(images: torch.Tensor, featnet, device) -> torch.Tensor:
+    """FeatNet features (N, D) float64 of uint8 images (N, C, H, W)."""
+    return extract_features(images, extractor="featnet", weights_path=featnet, cuda=device.type == "cuda")
+
+
+def delta_intervals(images: dict[str, torch.Tensor], test_images: torch.Tensor, model: str, others, ecfg, featnet,
+                    device) -> dict:
+    """95 % bootstrap intervals over samples of metric(model) - metric(other) in FeatNet features, for each other
+    model: {'delta_<model>_vs_<other>/<metric>_featnet_lo' | '_hi'}; {} with eval.bootstrap = 0."""
+    if not ecfg.bootstrap:
+        return {}
+    feats = {name: featnet_features(x, featnet, device) for name, x in images.items()}
+    real = featnet_features(test_images, featnet, device)
+    out = {}
+    for other in others:
+        for name, iv in feature_difference_intervals(feats[model], feats[other], real, n_boot=ecfg.bootstrap,
+                                                     fid=ecfg.fid, kid=ecfg.kid, prc=ecfg.prc).items():
+            key = f"delta_{model}_vs_{other}/{name}_featnet"
+            out.update({f"{key}_lo": iv.lo, f"{key}_hi": iv.hi})
+    return out
+
+
 def score_deltas(scores: dict[str, dict], model: str, others) -> dict:
     """{'delta_<model>_vs_<other>/<metric>': scores[model][metric] - scores[other][metric]} for each other model and
     each metric both have (lower FID/KID is better: a negative delta favours `model`)."""
     return {f"delta_{model}_vs_{other}/{k}": v - scores[other][k] for other in others
-            for k, v in scores[model].items() if k in scores[other]}
+            for k, v in scores[model].items() if k in scores[other] and not k.endswith(("_lo", "_hi"))}

@@ -82,8 +82,8 @@ class Tracker:
     """The stage's MLflow run: metrics with steps, params, tags, artifacts; and the pipeline's parent run, which
     carries the headline metrics so that `mlflow ui`'s table compares pipeline runs and strategies directly."""
 
-    def __init__(self, mlflow, run_id: str, parent_id: str | None = None):
-        self.mlflow, self.run_id, self.parent_id = mlflow, run_id, parent_id
+    def __init__(self, mlflow, run_id: str, parent_id: str | None = None, version: str = ""):
+        self.mlflow, self.run_id, self.parent_id, self.version = mlflow, run_id, parent_id, version
 
     def log_parent_metrics(self, metrics: dict) -> None:
         """Log `metrics` (no step) on the pipeline's parent run."""
@@ -264,7 +264,7 @@ def stage_run(stage: str, params: dict, stage_params: dict):
             HOST_TAG: socket.gethostname(), "stepwise.worker": os.environ.get("STEPWISE_WORKER", "")}
     with _sigterm_raises(), mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent,
                                              tags=tags) as run:
-        tracker = Tracker(mlflow, run.info.run_id, parent)
+        tracker = Tracker(mlflow, run.info.run_id, parent, pipeline_version(params, git_sha()))
         tracker.log_params(stage_params)
         try:
             yield tracker

@@ -250,11 +250,13 @@ class SampleConfig:
 
 @dataclass
 class FeatNetConfig:
-    """The small classifier trained on the dataset whose penultimate features drive offline FID."""
+    """The small classifier trained on the dataset whose penultimate features drive offline FID (AdamW, one-cycle)."""
 
-    epochs: int = 1
+    epochs: int = 3
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 3e-3  # peak learning rate of the one-cycle schedule
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.25  # share of the steps over which the learning rate rises to lr
     width: int = 16
     feature_dim: int = 128
     seed: int = 0
@@ -263,6 +265,9 @@ class FeatNetConfig:
         for key in ("epochs", "batch_size", "width", "feature_dim"):
             positive(key, getattr(self, key))
         positive("lr", self.lr)
+        positive("weight_decay", self.weight_decay, allow_zero=True)
+        if not 0 < self.warmup_fraction < 1:
+            raise ConfigError(f"warmup_fraction={self.warmup_fraction} must lie strictly between 0 and 1")
 
 
 @dataclass
@@ -276,12 +281,14 @@ class EvalConfig:
     kid_subset_size: int = 1000
     inception: str = "auto"
     curve_samples: int = 0  # >0: FID with this many samples at every kept training checkpoint (FID-vs-iterations)
+    bootstrap: int = 200  # resamples of the bootstrap intervals over samples (featnet metrics and differences); 0: off
     featnet: FeatNetConfig = field(default_factory=FeatNetConfig)
 
     def __post_init__(self):
         positive("num_samples", self.num_samples)
         positive("kid_subset_size", self.kid_subset_size)
         positive("curve_samples", self.curve_samples, allow_zero=True)
+        positive("bootstrap", self.bootstrap, allow_zero=True)
         if self.curve_samples == 1:
             raise ConfigError("curve_samples=1 must be 0 (off) or >= 2 for FID")
         if self.num_samples < 2:
