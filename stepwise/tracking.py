@@ -32,6 +32,7 @@ EXPERIMENT = "stepwise"
 PIPELINE_TAG = "stepwise.pipeline"  # the pipeline run's name
 VERSION_TAG = "stepwise.version"  # hash of (git commit, params)
 PID_TAG, HOST_TAG = "stepwise.pid", "stepwise.host"  # who runs a stage run (to detect runs orphaned by SIGKILL)
+FLOW_RUN_TAG = "stepwise.stage_flow_run"  # the distributed flow run that ran it (flows/distributed.py)
 URI_SCHEMES = ("sqlite:", "file:", "http:", "https:", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -213,9 +214,11 @@ def close_orphans(client, exp_id: str, parent: str, stage: str) -> int:
     """Mark KILLED the RUNNING runs of `stage` under `parent` whose process is gone (SIGKILL); their number."""
     runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}' and tags.dvc_stage = '{stage}' "
                                         "and attributes.status = 'RUNNING'")
-    closed = 0
+    closed, flow_run = 0, os.environ.get("STEPWISE_STAGE_FLOW_RUN", "")
     for r in runs:
-        if not _alive(r.data.tags.get(PID_TAG, ""), r.data.tags.get(HOST_TAG, "")):
+        other_flow_run = bool(flow_run) and r.data.tags.get(FLOW_RUN_TAG, "") not in ("", flow_run)
+        # a distributed stage is dispatched again only after its earlier flow run was marked Crashed
+        if other_flow_run or not _alive(r.data.tags.get(PID_TAG, ""), r.data.tags.get(HOST_TAG, "")):
             client.set_terminated(r.info.run_id, "KILLED")
             closed += 1
             log.warning("MLflow run %s of stage %s was left RUNNING by a killed process: marked KILLED",
@@ -261,7 +264,8 @@ def stage_run(stage: str, params: dict, stage_params: dict):
     close_orphans(client, exp_id, parent, dvc_stage)
     tags = {"git_sha": git_sha(), "dvc_stage": dvc_stage, "stage": stage,
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), PID_TAG: str(os.getpid()),
-            HOST_TAG: socket.gethostname(), "stepwise.worker": os.environ.get("STEPWISE_WORKER", "")}
+            HOST_TAG: socket.gethostname(), "stepwise.worker": os.environ.get("STEPWISE_WORKER", ""),
+            FLOW_RUN_TAG: os.environ.get("STEPWISE_STAGE_FLOW_RUN", "")}
     with _sigterm_raises(), mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent,
                                              tags=tags) as run:
         tracker = Tracker(mlflow, run.info.run_id, parent, pipeline_version(params, git_sha()))

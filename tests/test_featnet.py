@@ -92,12 +92,14 @@ def test_config_rejects_bad_schedule():
 def test_stage_writes_accuracy_and_real_fid_floor(tmp_path):
     from stages import featnet, prepare
     from stages.compose import compose
+    from stepwise.config import load_config
 
     params = tmp_path / "params.yaml"
     params.write_text(compose(["experiment=ci"]))
     data, out, metrics = tmp_path / "data", tmp_path / "featnet.pt", tmp_path / "featnet.json"
-    prepare.main(Namespace(params=str(params), out=str(data)))
-    featnet.main(Namespace(params=str(params), data=str(data), out=str(out), metrics=str(metrics)))
+    cfg = load_config(params)
+    prepare.main(Namespace(params=str(params), out=str(data)), cfg)
+    featnet.main(Namespace(params=str(params), data=str(data), out=str(out), metrics=str(metrics)), cfg)
     m = json.loads(metrics.read_text())
     assert {"featnet_test_accuracy", "fid_featnet_floor", "featnet_train_seconds"} <= set(m)
     assert 0 <= m["featnet_test_accuracy"] <= 1 and m["fid_featnet_floor"] > 0

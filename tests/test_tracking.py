@@ -94,7 +94,7 @@ def test_sigterm_marks_the_stage_run_killed(tmp_path):
         time.sleep(0.1)
     assert ready.exists(), "the stage process did not open its run"
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143
+    assert proc.wait(timeout=300) == 143
     client, exp_id = _client()
     (run_,) = client.search_runs([exp_id], "tags.stage = 'evaluate'")
     assert run_.info.status == "KILLED"
