@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stepwise.checkpoint import load_denoiser, save_model
+from stepwise.artifacts import load_denoiser, save_model
 from stepwise.diffusion import Diffusion
 from stepwise.errors import ConfigError
 from stepwise.loss_weights import LossWeight
