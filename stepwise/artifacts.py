@@ -108,8 +108,9 @@ def load_groups(path, K: int, T: int) -> list[tuple[int, int]]:
     try:
         record = json.loads(path.read_text())
         groups = groups_from_dict(record)
-    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError, KeyError, TypeError, ValueError,
-            AttributeError) as e:
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}; rerun `dvc repro cluster`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"{path}: not a groups file ({type(e).__name__}: {str(e)[:200]}); rerun "
                           "`dvc repro cluster`") from None
     if len(groups) != K or record.get("T") != T:

@@ -41,10 +41,13 @@ def layer_sizes(module: nn.Module) -> dict[str, int]:
 
 def counted_term(name: str, module: nn.Module) -> tuple[str, dict[str, int]]:
     """The layer a module's own MACs scale with: a conv/linear layer itself; an attention module (UNet AttnBlock,
-    timm Attention) owns the products QK^T and AV, linear in the attention width = its output projection's input."""
+    timm Attention) owns the products QK^T and AV, linear in the attention width = its output projection's input;
+    the UNet's Upsample runs its `conv` as the equivalent sub-pixel convolution (in x out of that conv)."""
     sizes = layer_sizes(module)
     if not sizes and isinstance(getattr(module, "proj", None), nn.Module) and layer_sizes(module.proj):
         return f"{name}.proj", {"in": layer_sizes(module.proj)["in"]}
+    if not sizes and isinstance(getattr(module, "conv", None), nn.Module) and layer_sizes(module.conv):
+        return f"{name}.conv", layer_sizes(module.conv)
     return name, sizes
 
 
