@@ -27,7 +27,7 @@ log = logging.getLogger("stepwise.cluster")
 
 def main(args, cfg) -> None:
     dcfg, K, ccfg = cfg.diffusion, cfg.tdc.num_groups, cfg.tdc.cluster
-    profile, similarity = (table_columns(read_table(Path(args.profile) / name, "dvc repro profile"))
+    profile, similarity = (table_columns(read_table(Path(args.profile) / name, "dvc repro profile", ("t",)))
                            for name in ("profile.csv", "similarity.csv"))
     snr_db = NoiseSchedule(dcfg.schedule, dcfg.T).snr_db().double()  # (T,)
     groups = tdc_groups(ccfg, K, dcfg.T, snr_db, profile, similarity)

@@ -31,7 +31,7 @@ def main(args, cfg) -> None:
     model, diffusion, shape, meta = load_model(args.model, use_ema=pcfg.use_ema)
     images = load_split_for(args.model, meta, shape, args.data, "train")
     check_profile(pcfg, len(images), count_params(model))
-    history = read_table(args.history, "dvc repro pretrain")
+    history = read_table(args.history, "dvc repro pretrain", ("step",))
     device = resolve_device(pcfg.device)
     model, diffusion = model.to(device), diffusion.to(device)
     out = Path(args.out)

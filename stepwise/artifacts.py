@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError, ConfigError, DataError
-from .io import load_torch, save_torch, write_text
+from .io import clip, field_problem, load_torch, read_json, save_torch, write_text
 
 MODEL_FORMAT = "stepwise-model/1"
 SAMPLES_FORMAT = "stepwise-samples/1"
+# the entries each file must hold, and their types (`stepwise.io.field_problem`)
+MODEL_FIELDS = {"model": dict, "diffusion": dict, "image_shape": list, "state_dict": dict, "ema_state_dict": dict,
+                "diffusion_state": dict, "meta": dict}
+DIFFUSION_FIELDS = {"schedule": str, "T": int}  # of its diffusion config: no default may stand in for these
+SAMPLES_FIELDS = {"images": torch.Tensor, "sampler": str, "steps": int, "seed": int}
 
 
 # ---- model file -----------------------------------------------------------------------------------------------
@@ -39,7 +43,7 @@ def save_model(path, *, model_cfg: dict, diffusion_cfg: dict, image_shape, state
 
 def load_model_file(path) -> dict:
     """Read a file written by save_model (weights_only=True); CheckpointError if missing, corrupt or foreign."""
-    return load_torch(path, MODEL_FORMAT, hint="Run `dvc repro pretrain` to rebuild it.")
+    return load_torch(path, MODEL_FORMAT, hint="Run `dvc repro pretrain` to rebuild it.", fields=MODEL_FIELDS)
 
 
 def load_model(path, use_ema: bool = True, rebuild=None):
@@ -52,9 +56,17 @@ def load_model(path, use_ema: bool = True, rebuild=None):
     from .models import build_model
 
     obj = load_model_file(path)
-    c, h, w = obj["image_shape"]
-    diffusion = Diffusion.from_config(obj["diffusion"])
-    model = build_model(obj["model"], image_size=h, channels=c, out_channels=c * diffusion.out_channels_factor)
+    problem = field_problem(obj["diffusion"], DIFFUSION_FIELDS)
+    try:  # the configs are the file's: any value that does not build is a corrupt file
+        if problem:
+            raise ValueError(f"diffusion config: {problem}")
+        c, h, w = obj["image_shape"]
+        diffusion = Diffusion.from_config(obj["diffusion"])
+        model = build_model(obj["model"], image_size=h, channels=c, out_channels=c * diffusion.out_channels_factor)
+    except (ConfigError, TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its model, diffusion or image_shape entries do not build a model "
+                              f"({type(e).__name__}: {clip(e)}); the file is corrupt: rerun the stage that wrote it "
+                              "(`dvc repro pretrain` for the unified model)") from None
     record = obj["meta"].get("pruning")
     try:
         if record is not None:
@@ -62,12 +74,12 @@ def load_model(path, use_ema: bool = True, rebuild=None):
                 raise CheckpointError(f"{path} holds a pruned expert: load it with stepwise.pruning.load_pruned")
             model = rebuild(model, record, (c, h, w), path)
         model.load_state_dict(obj["ema_state_dict" if use_ema else "state_dict"])
-        diffusion.load_state_dict(obj.get("diffusion_state") or {})
-    except (ConfigError, RuntimeError) as e:
+        diffusion.load_state_dict(obj["diffusion_state"])
+    except (ConfigError, TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
         what = ("the pruned weights do not fit the model rebuilt from its config and pruning ratios" if record
                 else "weights do not fit the model it describes")
         rerun = "; rerun `dvc repro prune`" if record else ""
-        raise CheckpointError(f"{path}: {what} ({str(e).splitlines()[0]}){rerun}") from None
+        raise CheckpointError(f"{path}: {what} ({clip(e)}){rerun}") from None
     return model.eval(), diffusion.eval(), (c, h, w), obj["meta"]
 
 
@@ -87,12 +99,17 @@ def save_samples(images: torch.Tensor, scfg, path) -> None:
 
 def load_samples(path, scfg) -> torch.Tensor:
     """uint8 samples (N, C, H, W) of `save_samples`; ConfigError if drawn with other sample settings than `scfg`."""
-    obj = load_torch(path, SAMPLES_FORMAT, error=DataError, hint="Rerun the evaluate stage that writes it.")
+    hint = "Rerun the evaluate stage that writes it."
+    obj = load_torch(path, SAMPLES_FORMAT, error=DataError, hint=hint, fields=SAMPLES_FIELDS)
+    images = obj["images"]
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise DataError(f"{path}: images must be uint8 (N, C, H, W), found {images.dtype} {tuple(images.shape)}: the "
+                        f"file is corrupt. {hint}")
     drawn = (obj["sampler"], obj["steps"], obj["seed"])
     if drawn != (scfg.sampler, scfg.steps, scfg.seed):
         raise ConfigError(f"{path} was sampled with (sampler, steps, seed)={drawn}, params say "
                           f"{(scfg.sampler, scfg.steps, scfg.seed)}: rerun the stage that writes it")
-    return obj["images"]
+    return images
 
 
 # ---- groups file, dataset card --------------------------------------------------------------------------------
@@ -102,16 +119,13 @@ def load_groups(path, K: int, T: int) -> list[tuple[int, int]]:
     """The K [lo, hi) groups of groups.json; ConfigError if missing, malformed or written for another K or T."""
     from .grouping import groups_from_dict
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; run `dvc repro cluster`")
+    record = read_json(path, "dvc repro cluster", error=ConfigError)
     try:
-        record = json.loads(path.read_text())
         groups = groups_from_dict(record)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}; rerun `dvc repro cluster`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ConfigError(f"{path}: not a groups file ({type(e).__name__}: {str(e)[:200]}); rerun "
+        raise ConfigError(f"{path}: {clip(e)}; rerun `dvc repro cluster`") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a groups record ({type(e).__name__}: {clip(e)}); rerun "
                           "`dvc repro cluster`") from None
     if len(groups) != K or record.get("T") != T:
         raise ConfigError(f"{path} holds {len(groups)} groups of T={record['T']} but tdc.num_groups={K}, T={T}: "
@@ -122,13 +136,16 @@ def load_groups(path, K: int, T: int) -> list[tuple[int, int]]:
 def train_sha(data_dir) -> str:
     """sha256 of the prepared training split, from the dataset card <data_dir>/card.json; DataError if unreadable."""
     path = Path(data_dir) / "card.json"
+    card = read_json(path, "dvc repro prepare")
     try:
-        return json.loads(path.read_text())["splits"]["train"]["sha256"]
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run `dvc repro prepare`") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not a dataset card with splits.train.sha256 ({type(e).__name__}: {e}); rerun "
+        sha = card["splits"]["train"]["sha256"]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a dataset card with splits.train.sha256 ({type(e).__name__}: {clip(e)}); rerun "
                         "`dvc repro prepare`") from None
+    if not isinstance(sha, str):
+        raise DataError(f"{path}: splits.train.sha256 is a {type(sha).__name__}, not a hex string; rerun "
+                        "`dvc repro prepare`")
+    return sha
 
 
 def load_split_for(model_path, meta: dict, shape, data_dir, split: str) -> torch.Tensor:
@@ -151,12 +168,15 @@ def load_split_for(model_path, meta: dict, shape, data_dir, split: str) -> torch
     return images
 
 
-def read_metrics(path, rebuild: str) -> dict:
-    """A stage's metrics JSON; DataError naming the command that writes it (`rebuild`) if it is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run `{rebuild}`")
-    return json.loads(path.read_text())
+def read_metrics(path, rebuild: str) -> dict[str, float]:
+    """A stage's metrics JSON (one object of named numbers, as `stages.common.report_metrics` writes it); DataError
+    naming the command that writes it (`rebuild`) if it is missing, corrupt or holds anything but numbers."""
+    metrics = read_json(path, rebuild)
+    for key, value in metrics.items():
+        if not isinstance(value, (int, float)):
+            raise DataError(f"{path}: metric {clip(key, 80)!r} is a {type(value).__name__}, not a number; the file is "
+                            f"corrupt: rerun `{rebuild}`")
+    return metrics
 
 
 # ---- CSV tables -----------------------------------------------------------------------------------------------
@@ -200,19 +220,38 @@ def write_bin_curves(history: list[dict], out_dir, name: str = "loss") -> list[P
     return paths
 
 
-def read_table(path, rebuild: str) -> list[dict[str, float]]:
+def read_table(path, rebuild: str, required: tuple[str, ...] = ()) -> list[dict[str, float]]:
     """Rows of a numeric CSV with a header as {column: float}, empty cells left out; DataError naming the stage that
-    writes it (`rebuild`, e.g. 'dvc repro profile') if it is missing or has no rows."""
+    writes it (`rebuild`, e.g. 'dvc repro profile') if it is missing, not UTF-8 CSV, has no rows, a row with more or
+    fewer cells than the header, a cell that is not a number, or a `required` column absent or not finite in a row."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: not found; run `{rebuild}` to write it")
     try:
-        rows = [{k: float(v) for k, v in raw.items() if k and v not in ("", None)}
-                for raw in csv.DictReader(io.StringIO(path.read_text()))]
-    except ValueError as e:
-        raise DataError(f"{path}: not a numeric table ({e}); rerun `{rebuild}`") from None
+        lines = [line for line in csv.reader(io.StringIO(path.read_text(encoding="utf-8"))) if line]
+    except (OSError, ValueError, csv.Error) as e:  # ValueError: UnicodeDecodeError
+        raise DataError(f"{path}: not a readable CSV table ({type(e).__name__}: {clip(e)}); rerun `{rebuild}`") from None
+    if not lines:
+        raise DataError(f"{path}: empty, not even a header; rerun `{rebuild}`")
+    header, lines = lines[0], lines[1:]
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise DataError(f"{path}: no column(s) {missing} (header: {clip(header)}); rerun `{rebuild}`")
+    rows = []
+    for i, line in enumerate(lines, 2):
+        if len(line) != len(header):
+            raise DataError(f"{path}: line {i} has {len(line)} cells, the header {len(header)}: the file is truncated "
+                            f"or corrupt; rerun `{rebuild}`")
+        try:
+            row = {k: float(v) for k, v in zip(header, line) if k and v != ""}
+        except ValueError as e:
+            raise DataError(f"{path}: not a numeric table (line {i}: {clip(e)}); rerun `{rebuild}`") from None
+        bad = [name for name in required if not math.isfinite(row.get(name, math.nan))]
+        if bad:
+            raise DataError(f"{path}: line {i} has no finite value in column(s) {bad}; rerun `{rebuild}`")
+        rows.append(row)
     if not rows:
-        raise DataError(f"{path}: no data rows")
+        raise DataError(f"{path}: no data rows; rerun `{rebuild}`")
     return rows
 
 

@@ -13,6 +13,9 @@ from .errors import CheckpointError
 from .io import load_torch, save_torch
 
 CKPT_FORMAT = "stepwise-ckpt/1"
+# the entries a resumed run reads (`stepwise.training.train`), and their types (`stepwise.io.field_problem`)
+CKPT_FIELDS = {"step": int, "fingerprint": str, "model": dict, "ema": dict, "optimizer": dict, "sampler": list,
+               "diffusion": dict, "history": list, "momentum": (dict, type(None))}
 # TrainConfig settings that may change between a run and its resumption without making it a different run.
 RESUME_NEUTRAL = ("steps", "ckpt_every", "keep_checkpoints", "log_every", "device")  # nproc is not: per-rank RNG
 
@@ -61,7 +64,7 @@ def load_latest_checkpoint(ckpt_dir, expected_fingerprint: str) -> dict | None:
         return None
     newest = paths[-1]
     try:
-        state = load_torch(newest, CKPT_FORMAT)
+        state = load_torch(newest, CKPT_FORMAT, fields=CKPT_FIELDS)
     except CheckpointError as e:
         previous = [p for p in paths[:-1]]
         offer = (f"the previous checkpoint is {previous[-1]}: delete {newest} to resume from it"
@@ -74,7 +77,7 @@ def load_latest_checkpoint(ckpt_dir, expected_fingerprint: str) -> dict | None:
 
 def load_checkpoint_ema(path, model, diffusion) -> int:
     """Load a training checkpoint's EMA weights (and diffusion state) into model/diffusion; returns its step."""
-    state = load_torch(path, CKPT_FORMAT)
+    state = load_torch(path, CKPT_FORMAT, fields={"step": int, "ema": dict, "diffusion": dict})
     try:
         model.load_state_dict(state["ema"])
         diffusion.load_state_dict(state.get("diffusion") or {})

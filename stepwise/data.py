@@ -22,6 +22,7 @@ from .errors import ConfigError, DataError
 from .io import load_torch, save_torch
 
 DATA_FORMAT = "stepwise-data/1"
+DATA_FIELDS = {"images": torch.Tensor, "labels": torch.Tensor, "classes": list}  # a split file's entries
 FASHION_MNIST_SYSTEM_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -218,7 +219,8 @@ def save_split(path, images: torch.Tensor, labels: torch.Tensor, classes: list) 
 
 def load_split(path) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Load a prepared split: (images uint8 (N, C, H, W), labels (N,), classes); DataError if missing/corrupt."""
-    obj = load_torch(path, DATA_FORMAT, error=DataError, hint="Run `dvc repro prepare` to rebuild it.")
+    obj = load_torch(path, DATA_FORMAT, error=DataError, hint="Run `dvc repro prepare` to rebuild it.",
+                     fields=DATA_FIELDS)
     check_images(obj["images"], obj["labels"], str(path))
     return obj["images"], obj["labels"], obj["classes"]
 

@@ -16,12 +16,13 @@ import shutil
 import socket
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, DiskFullError, OutputLockedError
+from .errors import CheckpointError, DataError, DiskFullError, OutputLockedError
 
 FORMAT_KEY = "format"
 STALE_TEMP_SECONDS = 3600  # a temp file whose writer cannot be checked (other host, old name) is stale after this
@@ -167,20 +168,69 @@ def write_text(text: str, path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def load_torch(path, expected_format: str, error=CheckpointError, hint: str = "") -> dict:
-    """Load a file written by save_torch with weights_only=True and check its format tag; raise `error` otherwise."""
+def clip(detail, limit: int = 200) -> str:
+    """`detail` (e.g. an exception) as one line of at most `limit` characters, for quoting in an error message."""
+    text = " ".join(str(detail).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def field_problem(obj: dict, fields: dict) -> str | None:
+    """What is wrong with mapping `obj` given `fields` ({key: type or tuple of types}, each required), or None."""
+    for key, types in fields.items():
+        if key not in obj:
+            return f"no {key!r} entry"
+        if not isinstance(obj[key], types) or (isinstance(obj[key], bool) and bool not in _as_tuple(types)):
+            names = " or ".join(t.__name__ for t in _as_tuple(types))
+            return f"{key!r} is a {type(obj[key]).__name__}, expected {names}"
+    return None
+
+
+def _as_tuple(types) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def read_json(path, rebuild: str, error=DataError, fields: dict | None = None, fix: str | None = None) -> dict:
+    """The JSON object in `path` (written by write_json); `error` naming the file and the command that writes it
+    (`rebuild`, e.g. "dvc repro prepare") if it is missing, not UTF-8 JSON, not an object or lacks one of `fields`
+    (see field_problem). `fix` replaces "rerun `<rebuild>`" as the advice for a corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: not found; run `{rebuild}`")
+    fix = fix or f"rerun `{rebuild}`"
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise error(f"{path}: not valid JSON ({type(e).__name__}: {clip(e)}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, found {type(obj).__name__}; {fix}")
+    problem = field_problem(obj, fields or {})
+    if problem:
+        raise error(f"{path}: {problem}; {fix}")
+    return obj
+
+
+def load_torch(path, expected_format: str, error=CheckpointError, hint: str = "", fields: dict | None = None) -> dict:
+    """Load a file written by save_torch with weights_only=True and check its format tag and `fields` (required keys
+    and their types, see field_problem); raise `error` otherwise."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: file not found. {hint}".strip())
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickle of a disallowed type, ...
-        # torch's own text is not quoted: it advises weights_only=False, i.e. running whatever the file holds
-        raise error(f"{path}: cannot be read ({type(e).__name__}): the file is truncated or corrupt, or was not "
-                    f"written by stepwise. {hint}".strip()) from None
+    with warnings.catch_warnings(record=True) as caught:  # e.g. "Detected pickle protocol 246" from random bytes
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, random bytes, pickle of a disallowed type, ...
+            # torch's own text is not quoted: it advises weights_only=False, i.e. running whatever the file holds
+            raise error(f"{path}: cannot be read ({type(e).__name__}): the file is truncated or corrupt, or was not "
+                        f"written by stepwise. {hint}".strip()) from None
+    for w in caught:  # a file that loads keeps its warnings; one that does not gets the one-line error alone
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(obj, dict) or obj.get(FORMAT_KEY) != expected_format:
         found = obj.get(FORMAT_KEY) if isinstance(obj, dict) else type(obj).__name__
+        found = None if found is None else clip(found, 80)  # a corrupt tag may be anything, of any length
         raise error(f"{path}: expected a {expected_format!r} file, found {found!r}. {hint}".strip())
+    problem = field_problem(obj, fields or {})
+    if problem:
+        raise error(f"{path}: {problem}: the file is corrupt or was not written by stepwise. {hint}".strip())
     return obj
 
 

@@ -22,8 +22,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .artifacts import read_metrics
 from .errors import DataError
-from .io import write_text
+from .io import clip, field_problem, write_text
 from .schedules import parse_bin_key
 from .visualise import empty_panel, figure_png, label_axes, pyplot, series_style
 
@@ -67,6 +68,14 @@ COST = ("macs_per_sample", "images_per_second", "samples_per_second")
 SPEED = ("speedup_vs_unified", "speedup_vs_tdc", "macs_saving_vs_unified", "macs_saving_vs_tdc")
 INTERVAL = "95 % interval"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG file ends with
+METRICS_INPUTS = ("unified_metrics", "tdc_metrics", "pruned_metrics", "prune_metrics")  # flat {name: number} files
+# CSV inputs: (the x-axis column, a finite number in every row; the other required columns); every other cell is a
+# number or empty, except in TEXT_COLUMNS
+CSV_COLUMNS = {"history": ("step", ()), "profile": ("t", ()), "split": ("split_t", ("pair",))}
+TEXT_COLUMNS = ("pair",)
+CARD_FIELDS = {"name": str, "source": str, "classes": list, "splits": dict}  # the dataset card (`stages.prepare`)
+SPLIT_FIELDS = {"count": int, "shape": list, "mean": list, "std": list, "sha256": str}  # `stepwise.data.save_split`
 SMALL_GRID = 480  # px: narrower sample grids are scaled up in the page without smoothing (crisp pixels)
 PRUNE_METRICS = "prune_*.json"  # the per-expert pruning metrics in the prune_metrics folder
 
@@ -126,40 +135,93 @@ class Inputs:
             raise DataError(f"{p}: not found; the report needs it: run `dvc repro {INPUTS[name][1]}` to write it")
         return None
 
-    def fail(self, name: str, what: str) -> DataError:
-        return DataError(f"{self.paths[name]}: {what}; rerun `dvc repro {INPUTS[name][1]}` to rewrite it")
+    def fail(self, name: str, what: str, path: Path | None = None) -> DataError:
+        return DataError(f"{path or self.paths[name]}: {clip(what, 300)}; rerun `dvc repro {INPUTS[name][1]}` to "
+                         "rewrite it")
+
+    def read(self, name: str) -> None:
+        """Read and check input `name` (if present), by its kind: JSON, CSV, PNG or the prune metrics folder."""
+        if name == "groups":
+            self.groups()
+            return
+        kind = Path(INPUTS[name][0]).suffix
+        {".json": self.json, ".csv": self.csv, ".png": self.png}.get(kind, lambda _: self.prune_records())(name)
+
+    def groups(self) -> tuple[dict, list[dict]] | tuple[None, None]:
+        """groups.json's record and its groups ({index, lo, hi, ...}, ints) sorted by index; (None, None) if absent."""
+        from .grouping import groups_from_dict
+
+        record = self.json("groups")
+        if record is None:
+            return None, None
+        try:
+            groups_from_dict(record)  # the checks of the stages that read it
+            groups = sorted(({**g, "index": int(g["index"]), "lo": int(g["lo"]), "hi": int(g["hi"])}
+                             for g in record["groups"]), key=lambda g: g["index"])
+        except (KeyError, TypeError, ValueError) as e:  # ValueError: also ConfigError
+            raise self.fail("groups", f"not a groups record ({type(e).__name__}: {clip(e)})") from None
+        return record, groups
 
     def json(self, name: str, path: Path | None = None) -> dict | None:
         p = path or self.path(name)
         if p is None:
             return None
+        if name in METRICS_INPUTS:
+            return read_metrics(p, f"dvc repro {INPUTS[name][1]}")
         try:
-            obj = json.loads(p.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{p}: not valid JSON ({e}); rerun `dvc repro {INPUTS[name][1]}`") from None
+            obj = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise self.fail(name, f"not valid JSON ({type(e).__name__}: {clip(e)})", p) from None
         if not isinstance(obj, dict):
-            raise DataError(f"{p}: expected a JSON object; rerun `dvc repro {INPUTS[name][1]}`")
+            raise self.fail(name, f"expected a JSON object, found {type(obj).__name__}", p)
         return obj
 
     def csv(self, name: str) -> list[dict[str, str]] | None:
+        """The rows of CSV input `name`, checked: as many cells as the header in every row, the CSV_COLUMNS present,
+        numbers (or empty) in all cells but TEXT_COLUMNS', a finite number in the x-axis column."""
         p = self.path(name)
         if p is None:
             return None
         try:
-            rows = list(csv.DictReader(io.StringIO(p.read_text())))
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
-            raise self.fail(name, f"not a readable CSV ({e})") from None
-        if not rows:
+            lines = [line for line in csv.reader(io.StringIO(p.read_text(encoding="utf-8"))) if line]
+        except (OSError, ValueError, csv.Error) as e:  # ValueError: UnicodeDecodeError
+            raise self.fail(name, f"not a readable CSV ({type(e).__name__}: {clip(e)})") from None
+        if len(lines) < 2:
             raise self.fail(name, "no data rows")
+        header, axis, others = lines[0], *CSV_COLUMNS[name]
+        missing = [c for c in (axis, *others) if c not in header]
+        if missing:
+            raise self.fail(name, f"no column(s) {missing} (columns: {clip(header)})")
+        rows = []
+        for i, line in enumerate(lines[1:], 2):
+            if len(line) != len(header):
+                raise self.fail(name, f"line {i} has {len(line)} cells, the header {len(header)}: truncated or corrupt")
+            row = dict(zip(header, line))
+            try:
+                values = {k: float(v) for k, v in row.items() if k not in TEXT_COLUMNS and v != ""}
+            except ValueError as e:
+                raise self.fail(name, f"line {i} is not numeric ({clip(e)})") from None
+            if not math.isfinite(values.get(axis, math.nan)):
+                raise self.fail(name, f"line {i} has no finite {axis!r}")
+            rows.append(row)
         return rows
 
     def png(self, name: str) -> bytes | None:
+        """The bytes of PNG input `name`, checked to be one complete PNG file (every chunk's CRC, the final IEND)."""
+        from PIL import Image
+
         p = self.path(name)
         if p is None:
             return None
         data = p.read_bytes()
         if not data.startswith(PNG_SIGNATURE):
             raise self.fail(name, "not a PNG file")
+        if not data.endswith(PNG_END):
+            raise self.fail(name, "not a PNG file that ends complete (no IEND chunk at its end): truncated or corrupt")
+        try:
+            Image.open(io.BytesIO(data), formats=["PNG"]).verify()
+        except Exception as e:  # noqa: BLE001 - PIL raises many types (SyntaxError, OSError, struct.error, ...)
+            raise self.fail(name, f"not a PNG file PIL can read ({type(e).__name__}: {clip(e)})") from None
         return data
 
     def prune_records(self) -> list[dict]:
@@ -346,12 +408,19 @@ def pruning_figure(models: dict[str, dict], experts: list[dict]) -> bytes:
 def dataset_section(inputs: Inputs) -> Section:
     card = inputs.json("card")
     sec = Section("Dataset")
-    classes = card.get("classes") or []
-    sec.add("p", f"{card.get('name', '?')} from {card.get('source', '?')}: {len(classes)} classes"
+    problem = field_problem(card, CARD_FIELDS) or field_problem(card["splits"], {"train": dict}) or next(
+        (f"split {split!r}: {field_problem(c, SPLIT_FIELDS) if isinstance(c, dict) else type(c).__name__}"
+         for split, c in card["splits"].items() if not isinstance(c, dict) or field_problem(c, SPLIT_FIELDS)), None)
+    if problem:
+        raise inputs.fail("card", f"not a dataset card ({problem})")
+    classes = card["classes"]
+    sec.add("p", f"{card['name']} from {card['source']}: {len(classes)} classes"
                  + (f" ({', '.join(map(str, classes))})." if classes else "."))
-    rows = [[split, str(c.get("count", "–")), "×".join(map(str, c.get("shape", []))) or "–",
-             ", ".join(f"{v:.3f}" for v in c.get("mean", [])), ", ".join(f"{v:.3f}" for v in c.get("std", [])),
-             str(c.get("sha256", ""))[:12]] for split, c in sorted((card.get("splits") or {}).items())]
+    try:
+        rows = [[split, str(c["count"]), "×".join(map(str, c["shape"])) or "–", ", ".join(f"{v:.3f}" for v in c["mean"]),
+                 ", ".join(f"{v:.3f}" for v in c["std"]), c["sha256"][:12]] for split, c in sorted(card["splits"].items())]
+    except (TypeError, ValueError) as e:  # a mean or std that is not a number
+        raise inputs.fail("card", f"not a dataset card ({type(e).__name__}: {clip(e)})") from None
     sec.add("table", ["split", "images", "shape (C×H×W)", "pixel mean", "pixel std", "sha256 (first 12)"], rows)
     sec.add("figures", [Figure(inputs.png("train_grid"), "Real training images (the first 64 of the train split)",
                                inputs.paths["train_grid"], pixelated=True)])
@@ -419,14 +488,7 @@ def loss_section(inputs: Inputs, T: int) -> Section:
 
 def profile_section(inputs: Inputs) -> Section:
     sec = Section("Difficulty profile and timestep groups")
-    rows, groups_rec = inputs.csv("profile"), inputs.json("groups")
-    groups = None
-    if groups_rec is not None:
-        try:
-            groups = sorted(({**g, "index": int(g["index"]), "lo": int(g["lo"]), "hi": int(g["hi"])}
-                             for g in groups_rec["groups"]), key=lambda g: g["index"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise inputs.fail("groups", f"not a groups record ({e!r})") from None
+    rows, (groups_rec, groups) = inputs.csv("profile"), inputs.groups()
     if rows is None:
         sec.add("note", f"Difficulty profile {inputs.missing('profile')}")
     else:
@@ -574,9 +636,11 @@ def build_report(T: int, root=".", paths: dict | None = None, extractor: str = "
 
     T is the number of diffusion steps (diffusion.T), naming the t-bins of the training history."""
     inputs = Inputs(root, paths)
-    for name, (_, _, required) in INPUTS.items():  # every required input fails before any plotting
+    for name, (_, _, required) in INPUTS.items():  # a missing required input fails before anything is read
         if required:
             inputs.path(name)
+    for name in INPUTS:  # and a corrupt one before any plotting
+        inputs.read(name)
     sources = {name: inputs.json(name) for name in ("unified_metrics", "tdc_metrics", "pruned_metrics")}
     models = model_metrics(inputs, sources, extractor)
     claims, verdicts = verdict_section(inputs, sources, extractor)

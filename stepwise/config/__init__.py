@@ -77,16 +77,21 @@ def load_params(path="params.yaml") -> dict:
     return params
 
 
-def validate(params: dict) -> Config:
-    """Parse every section of a params mapping and check the rules that span sections."""
+def validate(params: dict, source: str = "params.yaml") -> Config:
+    """Parse every section of a params mapping and check the rules that span sections; errors in the file's
+    structure (sections unknown, missing, not mappings) name `source`, the file it was read from."""
     if not isinstance(params, dict):
         raise ConfigError(f"params: expected a mapping of sections, got {type(params).__name__}")
-    unknown = sorted(set(params) - set(SECTIONS))
+    unknown = sorted(map(str, set(params) - set(SECTIONS)))
     if unknown:
-        raise ConfigError(f"params.yaml has unknown top-level section(s) {unknown}; valid: {list(SECTIONS)}")
+        raise ConfigError(f"{source} has unknown top-level section(s) {unknown!r:.200}; valid: {list(SECTIONS)}")
     missing = [s for s in REQUIRED if s not in params]
     if missing:
-        raise ConfigError(f"params.yaml lacks section(s) {missing}; recompose it with `python -m stages.compose`")
+        raise ConfigError(f"{source} lacks section(s) {missing}; recompose it with `python -m stages.compose`")
+    for name in (s for s in SECTIONS if s in params):
+        if not isinstance(params[name], dict):
+            raise ConfigError(f"{source}: section {name!r} is a {type(params[name]).__name__}, not a mapping of "
+                              "settings; recompose it with `python -m stages.compose`")
     cfg = Config(data=parse_data(params["data"]), model=parse_model(params["model"]),
                  diffusion=parse(DiffusionConfig, params["diffusion"], "diffusion"),
                  train=parse(TrainConfig, params["train"], "train"),
@@ -99,7 +104,7 @@ def validate(params: dict) -> Config:
 
 def load_config(path="params.yaml") -> Config:
     """Read and validate the whole params.yaml: the first call of every stage."""
-    return validate(load_params(path))
+    return validate(load_params(path), str(path))
 
 
 def check_cross_sections(cfg: Config) -> None:

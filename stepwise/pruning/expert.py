@@ -31,7 +31,7 @@ from ..config import TrainConfig
 from ..data import load_split, sha256, to_model_range
 from ..errors import ConfigError, StepwiseError
 from ..flops import count_macs, example_inputs
-from ..io import FORMAT_KEY, write_json
+from ..io import FORMAT_KEY, read_json, write_json
 from ..models import count_params
 from ..seeding import derive_seed
 from ..tdc import check_expert, range_sampler, train_on_range
@@ -55,21 +55,26 @@ def read_json_or_none(path) -> dict | None:
     """A JSON file's content, or None if it is missing or unreadable."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError
         return None
 
 
 def prepare_bank(bank_path: Path, identity_path: Path, identity: dict) -> int:
-    """Keep the persistent bank only if search.json says it belongs to this search (else delete it); its rounds."""
-    old = read_json_or_none(identity_path)
-    if old is None or old.get("fingerprint") != identity["fingerprint"]:
+    """Keep the persistent bank only if search.json says it belongs to this search (else delete it); the number of
+    rounds it holds (a corrupt bank counts 0: `MemoryBank.open` reports it). DataError if search.json is corrupt."""
+    old = None
+    if identity_path.exists():
+        old = read_json(identity_path, "dvc repro prune", fields={"fingerprint": str},
+                        fix=f"delete it and {bank_path.name} beside it to start the search over")
+    if old is None or old["fingerprint"] != identity["fingerprint"]:
         if bank_path.exists():
             log.warning("%s was written by a different search (settings, expert or data changed): starting afresh",
                         bank_path)
             bank_path.unlink()
         write_json(identity, identity_path)
     bank = read_json_or_none(bank_path) if bank_path.exists() else None
-    return len(bank.get("rounds", [])) if isinstance(bank, dict) else 0
+    rounds = bank.get("rounds") if isinstance(bank, dict) else None
+    return len(rounds) if isinstance(rounds, list) else 0
 
 
 class ProgressProxy:

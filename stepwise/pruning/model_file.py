@@ -13,6 +13,7 @@ from torch import nn
 from ..artifacts import load_model
 from ..errors import CheckpointError
 from ..flops import example_inputs
+from ..io import clip
 from .structural import prune_to_ratios
 
 PRUNED_FORMAT = "stepwise-pruned/1"  # meta["pruning"]["format"] of a pruned model file
@@ -28,8 +29,9 @@ def pruning_record(ratios: dict, kept: dict, ignored, importance: str) -> dict:
 def rebuild_pruned(model: nn.Module, record: dict, image_shape, path) -> nn.Module:
     """The unpruned `model` pruned to `record`'s ratios (weights still to be loaded); CheckpointError for a foreign
     record, ConfigError if the ratios do not fit the model."""
-    if record.get("format") != PRUNED_FORMAT:
-        raise CheckpointError(f"{path}: pruning record has format {record.get('format')!r}, expected {PRUNED_FORMAT!r}")
+    found = record.get("format") if isinstance(record, dict) else type(record).__name__
+    if found != PRUNED_FORMAT:
+        raise CheckpointError(f"{path}: pruning record has format {clip(found, 80)!r}, expected {PRUNED_FORMAT!r}")
     c, h, _ = image_shape
     return prune_to_ratios(model, dict(record["ratios"]), example_inputs(c, h), "magnitude",
                            ignored=tuple(record["ignored"]))

@@ -7,7 +7,6 @@ as JSON after every round. Reopening the same bank resumes at the next round; ro
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable
@@ -18,13 +17,17 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..io import FORMAT_KEY, write_json
+from ..io import FORMAT_KEY, clip, field_problem, read_json, write_json
 from .fit import budget_problem, prune_to_budget
 from .importance import GradientBatch, make_scorer
 from .proposers import Proposer, SearchSpace, make_proposer, ranked
 from .structural import kept_units, prune_to_ratios
 
 BANK_FORMAT = "stepwise-pruning-bank/1"
+BANK_FIELDS = {FORMAT_KEY: str, "meta": dict, "rounds": list}
+# one finished round, as proxy_search appends it (`stepwise.io.field_problem`)
+ROUND_FIELDS = {"round": int, "proposer": str, "decision": dict, "ratios": dict, "kept": dict, "macs": (int, float),
+                "params": int, "score": (int, float, type(None))}
 
 
 @dataclass
@@ -37,20 +40,27 @@ class MemoryBank:
 
     @classmethod
     def open(cls, path, meta: dict) -> MemoryBank:
-        """Load the bank at `path` if it exists (its meta must equal `meta`), else start an empty one."""
+        """Load the bank at `path` if it exists (its meta must equal `meta`), else start an empty one; ConfigError
+        naming the file if it is corrupt (not JSON, not a bank, a round not as proxy_search writes it)."""
         path = Path(path)
         if not path.exists():
             return cls(path, meta)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: memory bank is not valid JSON ({e.msg}); delete it to start over") from None
-        if data.get(FORMAT_KEY) != BANK_FORMAT:
-            raise ConfigError(f"{path}: expected a {BANK_FORMAT!r} memory bank, found {data.get(FORMAT_KEY)!r}")
+        fix = "delete it to start the search over"
+        data = read_json(path, "dvc repro prune", error=ConfigError, fields=BANK_FIELDS, fix=fix)
+        if data[FORMAT_KEY] != BANK_FORMAT:
+            raise ConfigError(f"{path}: expected a {BANK_FORMAT!r} memory bank, found {clip(data[FORMAT_KEY], 80)!r}; "
+                              f"{fix}")
         differ = sorted(k for k in set(meta) | set(data["meta"]) if data["meta"].get(k) != meta.get(k))
         if differ:
-            raise ConfigError(f"{path}: memory bank was written by a different search (differs in {differ}); "
-                              "use a new bank path or delete it")
+            raise ConfigError(f"{path}: memory bank was written by a different search (differs in "
+                              f"{clip(differ)}); use a new bank path or delete it")
+        for i, entry in enumerate(data["rounds"]):
+            problem = (field_problem(entry, ROUND_FIELDS) if isinstance(entry, dict)
+                       else f"a {type(entry).__name__}, not a mapping")
+            if problem is None and entry["round"] != i:
+                problem = f"numbered {entry['round']}"
+            if problem:
+                raise ConfigError(f"{path}: round {i} is corrupt ({problem}); {fix}")
         return cls(path, meta, data["rounds"])
 
     def append(self, entry: dict) -> None:
