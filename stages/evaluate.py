@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: sample with fixed seeded noise, save a grid, and score FID/KID/PR against the test split.
+"""DVC stage `evaluate`: sample with fixed seeded noise, save a grid, and score FID/KID/PR against the test split,
+beside the real-vs-real FID floor at the same sample count (`fid_featnet_floor`).
 
 With eval.curve_samples > 0 it also scores the EMA weights of every kept training checkpoint (the FID-vs-iterations
 curve, `stepwise.fidelity.fid_curve`) that the strategy comparison reads.
@@ -12,7 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stepwise.artifacts import load_model, load_split_for, write_table
-from stepwise.evaluation import inception_weights, sample_and_save, scores
+from stepwise.evaluation import (featnet_fid_floor, floor_subset, grid_title, inception_weights, sample_and_save,
+                                 scores)
 from stepwise.featnet import load_featnet
 from stepwise.data import sha256
 from stepwise.fidelity import fid_curve
@@ -30,13 +32,18 @@ def main(args, cfg) -> None:
     inception = inception_weights(ecfg)
     model, diffusion, shape, meta = load_model(args.model, use_ema=scfg.use_ema)
     test_images = load_split_for(args.model, meta, shape, args.data, "test")
+    train_images = load_split_for(args.model, meta, shape, args.data, "train")
+    subset = floor_subset(len(train_images), ecfg)  # too few train images fails here, before sampling
     load_featnet(args.featnet)  # a missing or corrupt feature network fails here, before sampling
     device = resolve_device("auto")
     with stage_run("evaluate", cfg.raw, {"sample": asdict(scfg), "eval": asdict(ecfg)}) as run:
-        images, seconds = sample_and_save(model, diffusion, shape, scfg, ecfg.num_samples, device, args.out)
+        images, seconds = sample_and_save(model, diffusion, shape, scfg, ecfg.num_samples, device, args.out,
+                                          grid_title("unified", meta, scfg))
         metrics = scores(images, test_images, ecfg, args.featnet, inception, device)
         metrics.update({"num_samples": ecfg.num_samples, "sampling_seconds": seconds,
-                        "samples_per_second": ecfg.num_samples / seconds})
+                        "samples_per_second": ecfg.num_samples / seconds,
+                        "fid_featnet_floor": featnet_fid_floor(train_images, test_images, subset, args.featnet,
+                                                               device)})
         curve = fid_curve(model, diffusion, shape, test_images, args.featnet, args.checkpoints, ecfg.curve_samples,
                           device=device, kid=ecfg.kid, kid_subset_size=ecfg.kid_subset_size, sampler=scfg.sampler,
                           steps=scfg.steps, eta=scfg.eta, seed=scfg.seed, batch_size=scfg.batch_size,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from stepwise.artifacts import load_samples, load_split_for, read_metrics, write_table
 from stepwise.errors import ConfigError
-from stepwise.evaluation import (delta_intervals, inception_weights, sample, sample_and_save, scores, stored_scores,
-                                 throughput)
+from stepwise.evaluation import (delta_intervals, grid_title, inception_weights, sample, sample_and_save, scores,
+                                 stored_scores, throughput)
 from stepwise.featnet import load_featnet
 from stepwise.sampling import timestep_subsequence
 from stepwise.pruning.ensemble import (ENSEMBLES, GOAL_MACS_SAVING, GOAL_METRIC, load_pruned_router,
@@ -50,7 +50,8 @@ def main(args, cfg) -> None:
     with stage_run("evaluate_pruned", cfg.raw, {"sample": asdict(scfg), "eval": asdict(ecfg),
                                                "tdc": {"prune_eval": asdict(pecfg), "num_groups": K}}) as run:
         metrics = {"num_samples": ecfg.num_samples, "sampling_steps": len(ts)}
-        images, seconds = sample_and_save(pruned, diffusion, shape, scfg, ecfg.num_samples, device, args.out)
+        images, seconds = sample_and_save(pruned, diffusion, shape, scfg, ecfg.num_samples, device, args.out,
+                                          grid_title("pruned TDC ensemble", {}, scfg))
         found = {"pruned": scores(images, test_images, ecfg, args.featnet, inception, device)}
         metrics["pruned/sampling_seconds"] = seconds
         run.log_artifact(Path(args.out) / "grid.png", "pruned")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from stepwise.artifacts import load_model, load_samples, load_split_for, read_metrics
 from stepwise.errors import ConfigError
-from stepwise.evaluation import delta_intervals, inception_weights, sample_and_save, score_deltas, scores
+from stepwise.evaluation import (delta_intervals, grid_title, inception_weights, sample_and_save, score_deltas,
+                                 scores)
 from stepwise.tdc import compute_accounting, expert_coverage, load_router
 from stepwise.distributed import resolve_device
 from stepwise.tracking import stage_run
@@ -40,8 +41,11 @@ def main(args, cfg) -> None:
     with stage_run("evaluate_tdc", cfg.raw, {"sample": asdict(scfg), "eval": asdict(ecfg)}) as run:
         metrics = {"expert_coverage": expert_coverage(router, diffusion.T), "num_samples": ecfg.num_samples}
         found, drawn = {}, {"unified": unified_images}
+        titles = {"tdc": grid_title(f"TDC ensemble of {cfg.tdc.num_groups} experts", {}, scfg),
+                  "continued": grid_title("continued unified", continued_meta, scfg)}
         for name, model, out in (("tdc", router, args.out_tdc), ("continued", continued, args.out_continued)):
-            images, seconds = sample_and_save(model, diffusion, shape, scfg, ecfg.num_samples, device, out)
+            images, seconds = sample_and_save(model, diffusion, shape, scfg, ecfg.num_samples, device, out,
+                                              titles[name])
             drawn[name] = images
             found[name] = scores(images, test_images, ecfg, args.featnet, inception, device)
             metrics[f"{name}/sampling_seconds"] = seconds

@@ -15,11 +15,13 @@ import torch
 from .artifacts import load_samples, save_samples
 from .errors import ConfigError, DataError
 from .fidelity import (INCEPTION_WEIGHTS, extract_features, feature_difference_intervals, feature_intervals,
-                       fidelity_metrics, find_inception_weights)
+                       fidelity_metrics, find_inception_weights, real_fid_floor, real_subset)
 from .sampling import generate, to_uint8
+from .seeding import derive_seed
 from .visualise import save_grid
 
 log = logging.getLogger(__name__)
+FLOOR_STREAM = 1  # derive_seed(eval.featnet.seed, FLOOR_STREAM) draws the FID floor's train subset
 
 
 def amp_dtype(device: torch.device):
@@ -34,14 +36,35 @@ def sample(model, diffusion, shape, scfg, num: int, device, progress: bool = Tru
                              device=device, amp_dtype=amp_dtype(device), progress=progress))
 
 
-def sample_and_save(model, diffusion, shape, scfg, num: int, device, out) -> tuple[torch.Tensor, float]:
-    """`sample`, then write <out>/samples.pt and <out>/grid.png: (uint8 images, sampling seconds)."""
+def grid_title(model_name: str, meta: dict, scfg) -> str:
+    """A sample grid's title: which model, how long it trained, how it was sampled."""
+    trained = f", {meta['steps']} training steps" if isinstance(meta.get("steps"), int) else ""
+    return f"{model_name}{trained}; {scfg.sampler}, {scfg.steps} sampling steps, seed {scfg.seed}"
+
+
+def sample_and_save(model, diffusion, shape, scfg, num: int, device, out,
+                    title: str | None = None) -> tuple[torch.Tensor, float]:
+    """`sample`, then write <out>/samples.pt and <out>/grid.png titled `title`: (uint8 images, sampling seconds)."""
     t0 = time.time()
     images = sample(model, diffusion, shape, scfg, num, device)  # (N, C, H, W) uint8
     seconds = time.time() - t0
     save_samples(images, scfg, Path(out) / "samples.pt")
-    save_grid(images[: scfg.grid_size**2], Path(out) / "grid.png", nrow=scfg.grid_size)
+    save_grid(images[: scfg.grid_size**2], Path(out) / "grid.png", nrow=scfg.grid_size, title=title)
     return images, seconds
+
+
+def floor_subset(num_train: int, ecfg) -> torch.Tensor:
+    """Indices of the eval.num_samples train images the FID floor compares with the test split; ConfigError if the
+    train split has fewer."""
+    return real_subset(num_train, ecfg.num_samples, derive_seed(ecfg.featnet.seed, FLOOR_STREAM))
+
+
+def featnet_fid_floor(train_images: torch.Tensor, test_images: torch.Tensor, subset: torch.Tensor, featnet,
+                      device) -> float:
+    """fid_featnet_floor: FID between train_images[subset] and the test split in FeatNet features, what a generator
+    of perfect samples scores at the evaluation's sample count (the noise floor of fid_featnet)."""
+    return real_fid_floor(train_images, test_images, subset, extractor="featnet", weights_path=featnet,
+                          cuda=device.type == "cuda")
 
 
 def inception_weights(ecfg) -> Path | None:

@@ -16,10 +16,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import FeatNetConfig
-from .io import load_torch, save_torch
+from .errors import CheckpointError
+from .io import clip, load_torch, save_torch
+from .progress import progress as progress_bar
 from .seeding import derive_seed
 
 FEATNET_FORMAT = "stepwise-featnet/2"  # /1: 3 convs + global average pool (12x12 receptive field), rejected on load
@@ -91,7 +92,7 @@ def train_featnet(images, labels, test_images, test_labels, num_classes: int, cf
     steps_per_epoch = max(1, len(images) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: one_cycle(step, total, cfg.warmup_fraction))
-    bar = tqdm(total=total, desc="featnet", disable=not progress)
+    bar = progress_bar(total=total, desc="featnet", disable=not progress)
     net.train()
     for epoch in range(cfg.epochs):
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch)))
@@ -103,7 +104,8 @@ def train_featnet(images, labels, test_images, test_labels, num_classes: int, cf
             opt.step()
             sched.step()
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if i % 50 == 0:  # .item() waits for the device
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     return net, accuracy(net, test_images, test_labels, device)
 
@@ -124,8 +126,13 @@ def save_featnet(net: FeatNet, path, meta: dict) -> None:
 
 def load_featnet(path) -> tuple[FeatNet, dict]:
     """Rebuild a saved FeatNet in eval mode; returns (net, meta). Files of an older format are refused."""
+    hint = "run `dvc repro featnet` to rebuild it."
     obj = load_torch(path, FEATNET_FORMAT, hint="Feature networks of an older format (another architecture) cannot "
-                     "be used: run `dvc repro featnet` to rebuild it.")
-    net = FeatNet(**obj["args"])
-    net.load_state_dict(obj["state_dict"])
+                     f"be used: {hint}", fields={"args": dict, "state_dict": dict, "meta": dict})
+    try:
+        net = FeatNet(**obj["args"])
+        net.load_state_dict(obj["state_dict"])
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its args and state_dict do not build a feature network ({type(e).__name__}: "
+                              f"{clip(e)}); {hint}") from None
     return net.eval(), obj["meta"]

@@ -347,11 +347,6 @@ def check_corruption(name: str, what: str, write: Callable[[Path], None]) -> Non
 
 
 # ---- the properties --------------------------------------------------------------------------------------------------
-FEATNET_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "stepwise.featnet.load_featnet does not check its entries: a featnet file without 'args' / 'state_dict' / "
-    "'meta', or with one of the wrong type, raises KeyError/TypeError/RuntimeError instead of CheckpointError"))
-
-
 @pytest.mark.parametrize("name", list(ARTIFACTS))
 def test_valid_files_load(valid, name):
     a = ARTIFACTS[name]
@@ -369,7 +364,6 @@ def test_corrupt_file_raises_one_line_naming_it(valid, name, data):
     check_corruption(name, what, write)
 
 
-@FEATNET_XFAIL
 @settings(SETTINGS, derandomize=True)
 @given(data=st.data())
 def test_corrupt_featnet_entries(valid, data):

@@ -89,7 +89,7 @@ def test_config_rejects_bad_schedule():
         FeatNetConfig(weight_decay=-1.0)
 
 
-def test_stage_writes_accuracy_and_real_fid_floor(tmp_path):
+def test_stage_writes_accuracy_and_evaluation_scores_the_real_fid_floor(tmp_path):
     from stages import featnet, prepare
     from stages.compose import compose
     from stepwise.config import load_config
@@ -101,9 +101,19 @@ def test_stage_writes_accuracy_and_real_fid_floor(tmp_path):
     prepare.main(Namespace(params=str(params), out=str(data)), cfg)
     featnet.main(Namespace(params=str(params), data=str(data), out=str(out), metrics=str(metrics)), cfg)
     m = json.loads(metrics.read_text())
-    assert {"featnet_test_accuracy", "fid_featnet_floor", "featnet_train_seconds"} <= set(m)
-    assert 0 <= m["featnet_test_accuracy"] <= 1 and m["fid_featnet_floor"] > 0
+    assert set(m) == {"featnet_test_accuracy", "featnet_train_seconds"}
+    assert 0 <= m["featnet_test_accuracy"] <= 1
     load_featnet(out)
+    # the floor evaluate reports beside fid_featnet: real vs real, seeded, positive, far below train vs noise
+    from stepwise.data import load_split
+    from stepwise.evaluation import featnet_fid_floor, floor_subset
+
+    train, test = (load_split(data / f"{s}.pt")[0] for s in ("train", "test"))
+    subset = floor_subset(len(train), cfg.eval)
+    assert torch.equal(subset, floor_subset(len(train), cfg.eval))
+    floor = featnet_fid_floor(train, test, subset, out, torch.device("cpu"))
+    noise = torch.randint(0, 256, test.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert 0 < floor < featnet_fid_floor(train, noise, subset, out, torch.device("cpu"))
 
 
 def test_floor_subset_larger_than_train_fails_before_training():

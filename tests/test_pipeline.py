@@ -151,9 +151,9 @@ def test_pretrain_data_parallel_via_config(repro):
     params["train"]["nproc"] = 2
     (dest / "ddp.yaml").write_text(yaml.safe_dump(params))
     run([sys.executable, "-m", "stages.pretrain", "--params", "ddp.yaml", "--out", "models/ddp", "--metrics",
-         "metrics/ddp.json", "--plot", "plots/ddp.csv"], dest,
+         "scratch/ddp.json", "--plot", "scratch/ddp.csv", "--bin-plots", "scratch/ddp_bins"], dest,
         env={**env, "OMP_NUM_THREADS": "1", "STEPWISE_PIPELINE_RUN": "ddp-test"})
-    metrics = json.loads((dest / "metrics/ddp.json").read_text())
+    metrics = json.loads((dest / "scratch/ddp.json").read_text())
     assert metrics["images_seen"] == 20 * 32
     ckpt = sorted((dest / "models/ddp/checkpoints").glob("step_*.pt"))[-1]
     assert torch.load(ckpt, weights_only=True)["world_size"] == 2

@@ -130,7 +130,10 @@ def test_mlflow_child_runs_under_one_parent(tdc_repro):
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("stepwise").experiment_id])
     parents = [r for r in runs if r.data.tags.get("stepwise.pipeline") == "workspace"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # closed by `consistency`, the last stage
+    assert len(parents) == 1, [(p.data.tags, {r.data.tags.get("stage") for r in runs
+                                              if r.data.tags.get("mlflow.parentRunId") == p.info.run_id})
+                               for p in parents]
+    assert parents[0].info.status == "FINISHED"  # no stage runs
     parent = parents[0].info.run_id
     children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
     assert {"profile", "cluster", "finetune@0", "finetune@1", "continue_unified", "evaluate_tdc",
@@ -155,8 +158,8 @@ def test_finetune_resumes_from_its_checkpoint(tdc_repro):
     dest, env = tdc_repro
     shutil.copytree(dest / "models/experts/1/checkpoints", dest / "models/resume_test/checkpoints")
     run([sys.executable, "-m", "stages.finetune", "--group", "1", "--out", "models/resume_test", "--metrics",
-         "metrics/resume_test.json"], dest, env={**env, "STEPWISE_PIPELINE_RUN": "resume-test"})
-    again, first = read_json(dest / "metrics/resume_test.json"), read_json(dest / "metrics/finetune_1.json")
+         "scratch/resume_test.json"], dest, env={**env, "STEPWISE_PIPELINE_RUN": "resume-test"})
+    again, first = read_json(dest / "scratch/resume_test.json"), read_json(dest / "metrics/finetune_1.json")
     assert again["resumed_from_step"] == STEPS
     for key in ("t_min", "t_max", "t_draws", "t_distinct", "images_seen", "train_flops", "final_loss"):
         assert again[key] == first[key], key
@@ -225,9 +228,9 @@ def test_consistency_with_a_second_seed_model(tdc_repro):
                                          "pairs": [["unified", "seed1"]], "split_pairs": [["unified", "seed1"]]})
     (dest / "extra.yaml").write_text(yaml.safe_dump(params))
     run([sys.executable, "-m", "stages.consistency", "--params", "extra.yaml", "--extras", "models/extra_test",
-         "--out", "outputs/extra_test", "--metrics", "metrics/extra_test.json"], dest,
+         "--out", "outputs/extra_test", "--metrics", "scratch/extra_test.json"], dest,
         env={**env, "STEPWISE_PIPELINE_RUN": "extra-test"})
-    m = read_json(dest / "metrics/extra_test.json")
+    m = read_json(dest / "scratch/extra_test.json")
     assert m["pair.unified_vs_seed1.mse"] > 0 and m["split.unified_to_seed1.t0.mse"] == 0.0
     assert (dest / "models/extra_test/seed1/model.pt").is_file()
     assert read_json(dest / "models/extra_test/extras.json")["models"]["seed1"]["seed"] == 1

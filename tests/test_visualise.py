@@ -92,3 +92,13 @@ def test_figure_conventions_and_empty_panel(tmp_path):
 @pytest.mark.parametrize("c", [1, 3])
 def test_channels(c):
     assert grid_array(images(4, c, 8)).shape[2] == 3
+
+
+def test_sample_grids_are_titled_with_model_training_and_sampling():
+    from types import SimpleNamespace
+
+    from stepwise.evaluation import grid_title
+
+    scfg = SimpleNamespace(sampler="ddim", steps=50, seed=3)
+    assert grid_title("unified", {"steps": 1000}, scfg) == "unified, 1000 training steps; ddim, 50 sampling steps, seed 3"
+    assert grid_title("TDC ensemble of 4 experts", {}, scfg).startswith("TDC ensemble of 4 experts; ddim")
