@@ -53,7 +53,8 @@ def test_evaluate_refuses_a_test_split_of_another_dataset(ci_repro):
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["data"].update(image_size=8)
     (dest / "other.yaml").write_text(yaml.safe_dump(params))
-    run([sys.executable, "-m", "stages.prepare", "--params", "other.yaml", "--out", "data/other"], dest, env=env)
+    run([sys.executable, "-m", "stages.prepare", "--params", "other.yaml", "--out", "data/other"], dest,
+        env={**env, "STEPWISE_PIPELINE_RUN": "other-dataset-test"})  # not under the shared repro's parent run
     proc = run([sys.executable, "-m", "stages.evaluate", "--data", "data/other", "--out", "samples/x", "--metrics",
                 "metrics/x.json", "--curve", "plots/x.csv"], dest, check=False, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]

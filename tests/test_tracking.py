@@ -127,7 +127,7 @@ def test_denoiser_logged_as_mlflow_model_loads_back_safely(tmp_path):
 
     cfg = {"name": "unet", "base_channels": 8, "channel_mult": [1], "num_res_blocks": 1, "attn_resolutions": []}
     model = build_model(cfg, 8, 1)
-    save_model(tmp_path / "model.pt", model_cfg=cfg, diffusion_cfg={"T": 10}, image_shape=(1, 8, 8),
+    save_model(tmp_path / "model.pt", model_cfg=cfg, diffusion_cfg={"schedule": "linear", "T": 10}, image_shape=(1, 8, 8),
                state_dict=model.state_dict(), ema_state_dict=model.state_dict(),
                diffusion_state=Diffusion(T=10).state_dict(), meta={"steps": 1})
     with stage_run("pretrain", {}, {}) as tracker:
