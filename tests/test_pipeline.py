@@ -87,8 +87,9 @@ def test_invalid_param_fails_fast_with_one_line(repro):
 @pytest.mark.parametrize("stage,upstream,overrides,ckpts,metrics,steps", [
     ("pretrain", "prepare", ["train.steps=200", "train.ckpt_every=10"], "models/unified/checkpoints",
      "metrics/pretrain.json", 200),
-    ("finetune@0", "cluster", ["tdc.finetune.steps=200", "train.ckpt_every=10"], "models/experts/0/checkpoints",
-     "metrics/finetune_0.json", 200),
+    pytest.param("finetune@0", "cluster", ["tdc.finetune.steps=200", "train.ckpt_every=10"],
+                 "models/experts/0/checkpoints", "metrics/finetune_0.json", 200,
+                 marks=pytest.mark.slow),  # the same resume code as pretrain's; ~60 s, kept out of the CI budget
 ])
 def test_kill_9_then_rerun_resumes(tmp_path, stage, upstream, overrides, ckpts, metrics, steps):
     """SIGKILL `dvc repro <stage>` mid-run; rerunning the same command continues from the last checkpoint."""
