@@ -45,13 +45,13 @@ class TimedSampler:
 
 def stepwise_run(model, diffusion, images, tcfg, device, mode: str, warmup: int, steps: int) -> dict:
     """train() for warmup + steps + 1 steps; times steps [warmup, warmup + steps)."""
-    from stepwise.training import build_sampler, train
+    from stepwise.training import timestep_sampler_from_config, train
 
     cfg = replace(tcfg, steps=warmup + steps + 1, device=str(device),
                   precision="bf16" if bf16(device, mode) else "fp32",
                   ckpt_every=tcfg.log_every * 10**6, eval_steps=[])
     clock = Clock(device)
-    sampler = TimedSampler(build_sampler(cfg, diffusion.to(device)), clock, (warmup, warmup + steps))
+    sampler = TimedSampler(timestep_sampler_from_config(cfg, diffusion.to(device)), clock, (warmup, warmup + steps))
     with tempfile.TemporaryDirectory() as ckpt_dir:
         train(model, diffusion, images, cfg, ckpt_dir, fingerprint="throughput", sampler=sampler, progress=False)
     seconds, cpu_seconds = clock.span()

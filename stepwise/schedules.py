@@ -1,6 +1,6 @@
 """Noise schedules: betas, cumulative alphas and signal-to-noise ratios.
 
-Notation (shared/methods-notes.md): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, SNR(t) = abar_t / (1 - abar_t).
+Notation (docs/methods.md): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, SNR(t) = abar_t / (1 - abar_t).
 """
 from __future__ import annotations
 

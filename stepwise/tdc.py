@@ -23,7 +23,7 @@ from .models import count_params
 from .router import ExpertRouter
 from .config import SIMILARITY_SIGNAL
 from .timestep_samplers import RangeRecorder
-from .training import build_sampler, final_loss, train
+from .training import timestep_sampler_from_config, final_loss, train
 
 # ---- groups (the `cluster` stage) -----------------------------------------------------------------------------
 
@@ -74,7 +74,7 @@ def tdc_groups(ccfg, K: int, T: int, snr_db: torch.Tensor, profile: dict, simila
 def range_sampler(cfg: TrainConfig, diffusion, t_range: tuple[int, int]) -> RangeRecorder:
     """The configured timestep sampler restricted to [lo, hi), every t it draws checked and counted."""
     lo, hi = t_range
-    return RangeRecorder(build_sampler(cfg, diffusion, t_range=(lo, hi)), lo, hi)
+    return RangeRecorder(timestep_sampler_from_config(cfg, diffusion, t_range=(lo, hi)), lo, hi)
 
 
 def train_on_range(model, diffusion, images: torch.Tensor, cfg: TrainConfig, sampler: RangeRecorder, ckpt_dir,

@@ -65,7 +65,7 @@ class BinStats:
         return out
 
 
-def build_sampler(cfg: TrainConfig, diffusion: Diffusion, t_range=None, rank: int = 0) -> TimestepSampler:
+def timestep_sampler_from_config(cfg: TrainConfig, diffusion: Diffusion, t_range=None, rank: int = 0) -> TimestepSampler:
     """The configured timestep sampler, seeded from the run seed and rank, optionally restricted to t_range."""
     return build_timestep_sampler(cfg.timestep_sampler, diffusion.T, seed=derive_seed(cfg.seed, 7, rank),
                                   t_range=t_range,
@@ -122,7 +122,7 @@ def _train(model, diffusion, images, cfg, ckpt_dir, *, fingerprint, sampler, log
         bf16 = False
     model, diffusion = model.to(device), diffusion.to(device)
     data = images.to(device)  # (N, C, H, W) uint8, resident on the device
-    sampler = sampler or build_sampler(cfg, diffusion, rank=rank)
+    sampler = sampler or timestep_sampler_from_config(cfg, diffusion, rank=rank)
     params = list(model.parameters()) + list(diffusion.parameters())  # + the prediction's own (e.g. route logits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")

@@ -1,4 +1,4 @@
-"""Structural pruning, progressive budgets and importances (shared/methods-notes.md checklist 13, 14)."""
+"""Structural pruning, progressive budgets and importances (docs/checklist.md, items 13 and 14)."""
 import math
 
 import pytest
