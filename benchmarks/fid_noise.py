@@ -13,7 +13,9 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a plain checkout runs without `pip install -e .`
 from stepwise.artifacts import load_denoiser
 from stepwise.data import load_split
 from stepwise.errors import StepwiseError

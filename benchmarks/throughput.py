@@ -23,6 +23,8 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # a plain checkout runs the benchmarks without `pip install -e .` (torch-only images)
+    sys.path.insert(0, str(REPO))
 BANNED = ("dvc", "mlflow", "prefect", "hydra", "omegaconf")
 MODES = ("eager", "fast")
 PAIR = ("stepwise", "diffusers")
