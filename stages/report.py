@@ -1,4 +1,5 @@
-"""DVC stage `report`: the pipeline's outputs -> reports/pipeline.md and a self-contained reports/pipeline.html.
+"""DVC stage `report`: the pipeline's outputs -> reports/pipeline.md, a self-contained reports/pipeline.html and the
+headline metrics as `dvc metrics show` tables (reports/tables/{models,claims}/<row>.json).
 
 What a researcher sees: dataset card, sample grids with FID and interval, loss per t-bin, difficulty profile and
 groups, consistency curves, pruning trade-off and a verdict per claim (stepwise/report.py). A stage that was not
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from stepwise.report import INPUTS, build_report, write_report
+from stepwise.report import INPUTS, build_report, write_metric_tables, write_report
 from stepwise.tracking import stage_run
 
 from .common import add_paths, run_stage
@@ -21,6 +22,7 @@ def main(args, cfg) -> None:
     report = build_report(cfg.diffusion.T, paths=paths)  # every input is read and checked before the run opens
     with stage_run("report", cfg.raw, {"diffusion": {"T": cfg.diffusion.T}}) as run:
         write_report(report, args.md, args.html)
+        write_metric_tables(report, args.tables)  # `dvc metrics show reports/tables/models` (README)
         run.log_metrics(report.metrics)
         run.log_parent_metrics(report.metrics)  # the headline metrics on the pipeline's parent run
         verdicts = {f"verdict.{name}": v for name, v in report.verdicts.items()}
@@ -35,7 +37,7 @@ def main(args, cfg) -> None:
 
 def configure(parser) -> None:
     add_paths(parser, **{name: default for name, (default, _, _) in INPUTS.items()},
-              md="reports/pipeline.md", html="reports/pipeline.html")
+              md="reports/pipeline.md", html="reports/pipeline.html", tables="reports/tables")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .artifacts import read_metrics
 from .errors import DataError
-from .io import clip, field_problem, write_text
+from .io import clip, field_problem, write_json, write_text
 from .schedules import parse_bin_key
 from .visualise import empty_panel, figure_png, label_axes, pyplot, series_style
 
@@ -760,6 +760,45 @@ def render_html(report: Report) -> str:
         out.append("</section>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+# ---- `dvc metrics show` tables -------------------------------------------------------------------------------------
+TABLES = ("models", "claims")  # reports/tables/<table>/<row>.json: every row of a table has the same columns
+
+
+def metric_tables(report: Report) -> dict[str, dict[str, float]]:
+    """The headline metrics as `dvc metrics show` tables: {'<table>/<row>.json': {column: number}}.
+
+    models/<model>: quality metrics with their interval ends, MACs, speed (and the pruned model's speed-ups);
+    claims/<claim>: the FID difference a - b (`delta_fid_<extractor>`, `_lo`, `_hi`) and `resolved` (1: the interval
+    excludes 0, 0: it does not or there is none). Rows of models or claims that were not run are absent."""
+    rows: dict[str, dict[str, float]] = {}
+    claims = {prefix: name for name, (_, _, prefix) in CLAIMS.items()}
+    for key, value in report.metrics.items():
+        row, _, column = key.partition(".")
+        if row in claims:
+            rows.setdefault(f"claims/{claims[row]}.json", {})[f"delta_{column}"] = value
+        elif column:
+            rows.setdefault(f"models/{row}.json", {})[column] = value
+        else:  # a speed-up of the pruned ensemble
+            rows.setdefault("models/pruned.json", {})[key] = value
+    for name, v in report.verdicts.items():
+        if f"claims/{name}.json" in rows:
+            rows[f"claims/{name}.json"]["resolved"] = float(v.startswith("resolved"))
+    return rows
+
+
+def write_metric_tables(report: Report, root) -> list[Path]:
+    """Write `metric_tables(report)` under `root` (one JSON file per row, atomically), remove rows no longer there."""
+    root = Path(root)
+    rows = metric_tables(report)
+    for table in TABLES:
+        for stale in sorted((root / table).glob("*.json")):
+            if f"{table}/{stale.name}" not in rows:
+                stale.unlink()
+    for name, row in rows.items():
+        write_json(row, root / name)
+    return [root / name for name in sorted(rows)]
 
 
 def write_report(report: Report, md_path, html_path) -> None:

@@ -1,4 +1,5 @@
-"""stepwise.report: the pipeline report built from a fake output tree in the real formats (committed metrics/plots)."""
+"""stepwise.report: the pipeline report built from a fake output tree in the real formats (tests/data/report: the
+metrics and training history of one default `dvc repro`, frozen so that rerunning the pipeline changes no test)."""
 import json
 import re
 import shutil
@@ -9,11 +10,13 @@ import torch
 
 from stepwise.errors import DataError
 from stepwise.grouping import groups_to_dict
-from stepwise.report import INPUTS, build_report, render_html, render_markdown, verdict, write_report
+from stepwise.report import (INPUTS, build_report, metric_tables, render_html, render_markdown, verdict,
+                             write_metric_tables, write_report)
 from stepwise.schedules import NoiseSchedule, bin_key, bin_label, bin_range, parse_bin_key
 from stepwise.visualise import save_grid
 
 REPO = Path(__file__).resolve().parents[1]
+FROZEN = REPO / "tests" / "data" / "report"
 T = 1000
 GROUPS = [(0, 31), (31, 303), (303, 722), (722, 1000)]
 
@@ -27,13 +30,13 @@ def fake_tree(root: Path, pruning: bool = True, tdc: bool = True) -> Path:
     """A pipeline output tree: the committed metrics and training history, small synthetic images and tables."""
     (root / "metrics").mkdir(parents=True)
     for name in ["evaluate.json"] + (["evaluate_tdc.json"] if tdc else []):
-        shutil.copy(REPO / "metrics" / name, root / "metrics" / name)
+        shutil.copy(FROZEN / name, root / "metrics" / name)
     if pruning:
-        for f in (REPO / "metrics").glob("prune_*.json"):
+        for f in FROZEN.glob("prune_*.json"):
             shutil.copy(f, root / "metrics" / f.name)
-        shutil.copy(REPO / "metrics" / "evaluate_pruned.json", root / "metrics" / "evaluate_pruned.json")
+        shutil.copy(FROZEN / "evaluate_pruned.json", root / "metrics" / "evaluate_pruned.json")
     (root / "plots").mkdir()
-    lines = (REPO / "plots" / "pretrain_loss.csv").read_text().splitlines()
+    lines = (FROZEN / "pretrain_loss.csv").read_text().splitlines()
     header = re.sub(r"loss(_var)?_bin/(\d+)", lambda m: bin_key(int(m[2]), 10, T, "loss" + (m[1] or "")), lines[0])
     (root / "plots" / "pretrain_loss.csv").write_text("\n".join([header] + lines[1::10]) + "\n")
     card = {"name": "fashion_mnist", "source": "idx files", "classes": ["T-shirt", "Trouser"],
@@ -195,3 +198,33 @@ def test_bin_names():
         for k, (lo, hi) in enumerate(ranges):  # the same bins as training's t * bins // T
             assert all(t * bins // T_ == k for t in range(lo, hi))
             assert parse_bin_key(bin_key(k, bins, T_)) == ("loss", lo, hi)
+
+
+def test_metric_tables_are_comparable_rows(tree, tmp_path):
+    """`dvc metrics show reports/tables/models` is one table: one file per model, the same quality columns in each."""
+    report = build_report(T, root=tree)
+    tables = metric_tables(report)
+    models = {k: v for k, v in tables.items() if k.startswith("models/")}
+    claims = {k: v for k, v in tables.items() if k.startswith("claims/")}
+    assert sorted(models) == ["models/continued.json", "models/pruned.json", "models/tdc.json", "models/unified.json"]
+    quality = {f"{m}_featnet" for m in ("fid", "kid", "precision", "recall", "f_score")}
+    assert all(quality <= set(row) for row in models.values())
+    assert models["models/tdc.json"]["fid_featnet_lo"] == 42.0
+    assert models["models/pruned.json"]["speedup_vs_unified"] == pytest.approx(0.9105, abs=1e-4)
+    assert claims["claims/tdc_vs_continued.json"] == {"delta_fid_featnet": pytest.approx(3.44, abs=0.01),
+                                                      "delta_fid_featnet_lo": 1.25, "delta_fid_featnet_hi": 5.5,
+                                                      "resolved": 1.0}
+    assert claims["claims/tdc_vs_unified.json"]["resolved"] == 0.0  # its interval contains 0
+    assert claims["claims/pruned_vs_unified.json"]["resolved"] == 0.0  # no interval
+    out = tmp_path / "tables"
+    (out / "models").mkdir(parents=True)
+    (out / "models" / "stale.json").write_text("{}")  # a row of a model no longer reported
+    written = write_metric_tables(report, out)
+    assert sorted(p.relative_to(out).as_posix() for p in written) == sorted(tables)
+    assert not (out / "models" / "stale.json").exists()
+    assert json.loads((out / "claims" / "tdc_vs_continued.json").read_text())["resolved"] == 1.0
+
+
+def test_metric_tables_omit_models_not_run(tmp_path):
+    report = build_report(T, root=fake_tree(tmp_path / "run", pruning=False, tdc=False))
+    assert sorted(metric_tables(report)) == ["models/unified.json"]
