@@ -108,6 +108,8 @@ def main(argv=None) -> int:
                         help="images per step for both (default: conf/train/default.yaml)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each round (default 2)")
+    parser.add_argument("--profile", metavar="TXT", help="also profile a stepwise round per device (fp32 eager) with "
+                        "torch.profiler and write the top operators by self time to TXT")
     args = parser.parse_args(argv)
     args.model = {**defaults["model"], "base_channels": args.base_channels}
     check_common(args)
@@ -174,10 +176,33 @@ def main(argv=None) -> int:
     print(f"batch {args.batch_size}, {args.rounds} rounds of {args.steps} timed steps, "
           f"{torch.get_num_threads()} CPU threads; ratio = stepwise/diffusers img/s per round")
     print_table(result["results"])
+    if args.profile:
+        tables = [profile_table(runner("stepwise", prepare(copy.deepcopy(base["stepwise"]), torch.device(dev),
+                                                           "eager")[0], torch.device(dev), "eager", args.warmup,
+                                       args.steps), dev) for dev in args.devices]
+        write_text("\n\n".join(tables) + "\n", args.profile)
+        print("\n\n".join(tables))
     finish(result, args.json)
     if result["banned_imports"]:
         print(f"warning: imported {result['banned_imports']}", file=sys.stderr)
     return 0
+
+
+def profile_table(run, device: str, rows: int = 20) -> str:
+    """torch.profiler's operator table (top `rows` by self time) of one round `run()` on `device`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        run()
+    sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    return f"stepwise training round on {device} (fp32 eager), top operators by self time:\n" + \
+        prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
+def write_text(text: str, path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,10 @@ def check_common(result: dict) -> None:
 @pytest.mark.timeout(120)
 def test_train_throughput_writes_matched_measurements(tmp_path):
     out = tmp_path / "train.json"
-    proc = bench("train_throughput.py", [*TINY, "--steps", "2", "--warmup", "1", "--json", str(out)], tmp_path)
+    prof = tmp_path / "profile.txt"
+    proc = bench("train_throughput.py", [*TINY, "--steps", "2", "--warmup", "1", "--json", str(out), "--profile",
+                                         str(prof)], tmp_path)
+    assert "top operators by self time" in prof.read_text() and "aten::" in prof.read_text()  # torch.profiler's table
     result = json.loads(out.read_text())
     check_common(result)
     assert result["benchmark"] == "train_throughput" and result["batch_size"] == 4 and result["steps_per_round"] == 2
