@@ -3,6 +3,7 @@
     dvc exp run evaluate --queue -S experiment=compare -S 'strategy=uniform,clts_md,min_snr' -S 'train.seed=0,1,2'
     OMP_NUM_THREADS=1 dvc queue start -j 2     # each finished run writes reports/runs/<strategy>/seed<k>-*.json
     python -m stages.compare                   # -> reports/strategy_comparison.{md,json,png}
+    python -m stages.compare --missing         # the queue commands of the (strategy, seed) runs not done yet
 
 Reads the run summaries under reports/runs (commit them as they finish: a comparison can be built up over several
 sittings) and the MLflow `evaluate` runs that carry a yardstick; refuses to mix runs measured with different
@@ -14,15 +15,17 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from stepwise.comparison import comparison_table, compare
 from stepwise.errors import StepwiseError
 from stepwise.io import write_json, write_text
-from stepwise.ledger import RUNS_DIR, read_summaries, yardstick_id
+from stepwise.ledger import RUNS_DIR, missing_runs, queue_commands, read_summaries, yardstick_id
 from stepwise.tracking import EXPERIMENT, tracking_uri
 from stepwise.visualise import plot_fid_curves
 
 log = logging.getLogger("stepwise.compare")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def mlflow_runs(ledger: list[dict]) -> list[dict]:
@@ -58,6 +61,9 @@ def main(argv=None) -> int:
     parser.add_argument("--yardstick", help="only the runs of this yardstick id (when several are present)")
     parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
     parser.add_argument("--out", default="reports/strategy_comparison")
+    parser.add_argument("--missing", action="store_true", help="print the `dvc exp run --queue` commands of the "
+                        "strategies (conf/strategy) and --seeds without a run summary yet, and exit")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="with --missing (default: 0 1 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -66,6 +72,10 @@ def main(argv=None) -> int:
             runs += mlflow_runs(runs)
         if args.yardstick:
             runs = [r for r in runs if yardstick_id(r["yardstick"]) == args.yardstick]
+        if args.missing:
+            strategies = sorted(p.stem for p in (REPO / "conf" / "strategy").glob("*.yaml"))
+            print("\n".join(queue_commands(missing_runs(runs, strategies, args.seeds))) or "nothing missing")
+            return 0
         if not runs:
             raise StepwiseError(f"no comparison runs found in {args.runs} or {tracking_uri()}; run the experiments "
                                 "with experiment=compare (eval.curve_samples > 0)")

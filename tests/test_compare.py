@@ -90,3 +90,23 @@ def test_compare_without_runs_is_one_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert compare.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "cmp")]) == 2
     assert "no comparison runs found" in capsys.readouterr().err
+
+
+def test_missing_prints_the_queue_commands_of_runs_not_done(tmp_path, monkeypatch, capsys):
+    """A comparison built up over sittings: --missing names exactly the (strategy, seed) runs without a summary."""
+    from stages import compare
+    from stepwise.ledger import missing_runs, queue_commands
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = tmp_path / "runs"
+    _summaries(runs, "uniform", noisy(BASE))
+    assert compare.main(["--runs", str(runs), "--source", "ledger", "--missing"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    strategies = sorted(p.stem for p in (compare.REPO / "conf" / "strategy").glob("*.yaml"))
+    assert len(lines) == len(strategies) - 1 and not any("strategy=uniform " in line for line in lines)
+    assert "dvc exp run evaluate --queue -S experiment=compare -S strategy=min_snr -S 'train.seed=0,1,2'" in lines
+    done = [{"strategy": "a", "seed": 0}, {"strategy": "a", "seed": 2}, {"strategy": "b", "seed": 1}]
+    assert missing_runs(done, ["a", "b"], [0, 1, 2]) == {"a": [1], "b": [0, 2]}
+    assert missing_runs(done, ["a"], [0, 2]) == {}
+    assert queue_commands({"a": [1]}) == ["dvc exp run evaluate --queue -S experiment=compare -S strategy=a "
+                                          "-S 'train.seed=1'"]
