@@ -17,10 +17,10 @@ import logging
 import sys
 from pathlib import Path
 
-from stepwise.comparison import comparison_table, compare
+from stepwise.comparison import comparison_table, compare, missing_runs, queue_commands
 from stepwise.errors import StepwiseError
 from stepwise.io import write_json, write_text
-from stepwise.ledger import RUNS_DIR, missing_runs, queue_commands, read_summaries, yardstick_id
+from stepwise.ledger import RUNS_DIR, read_summaries, yardstick_id
 from stepwise.tracking import EXPERIMENT, tracking_uri
 from stepwise.visualise import plot_fid_curves
 

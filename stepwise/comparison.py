@@ -111,3 +111,16 @@ def comparison_table(result: dict) -> str:
                  "= baseline iterations / strategy iterations to reach it on the mean curves; the interval resamples "
                  "training seeds (and samples, where recorded); 'not resolved' when it contains 1.0.")
     return "\n".join(lines) + "\n"
+
+
+def missing_runs(runs: list[dict], strategies: list[str], seeds: list[int]) -> dict[str, list[int]]:
+    """{strategy: [seed, ...]} of the (strategy, seed) pairs with no run in `runs`, strategies in the given order."""
+    done = {(r["strategy"], r["seed"]) for r in runs}
+    missing = {s: [k for k in seeds if (s, k) not in done] for s in strategies}
+    return {s: ks for s, ks in missing.items() if ks}
+
+
+def queue_commands(missing: dict[str, list[int]]) -> list[str]:
+    """The `dvc exp run --queue` commands that queue exactly the missing comparison runs, one per strategy."""
+    return [f"dvc exp run evaluate --queue -S experiment=compare -S strategy={s} -S 'train.seed={','.join(map(str, ks))}'"
+            for s, ks in missing.items()]

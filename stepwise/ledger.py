@@ -72,16 +72,3 @@ def read_summaries(root: Path | None = None) -> list[dict]:
             raise DataError(f"{path}: malformed run summary ({type(e).__name__}: {e}); delete it or restore it from "
                             "git") from None
     return out
-
-
-def missing_runs(runs: list[dict], strategies: list[str], seeds: list[int]) -> dict[str, list[int]]:
-    """{strategy: [seed, ...]} of the (strategy, seed) pairs with no run in `runs`, strategies in the given order."""
-    done = {(r["strategy"], r["seed"]) for r in runs}
-    missing = {s: [k for k in seeds if (s, k) not in done] for s in strategies}
-    return {s: ks for s, ks in missing.items() if ks}
-
-
-def queue_commands(missing: dict[str, list[int]]) -> list[str]:
-    """The `dvc exp run --queue` commands that queue exactly the missing comparison runs, one per strategy."""
-    return [f"dvc exp run evaluate --queue -S experiment=compare -S strategy={s} -S 'train.seed={','.join(map(str, ks))}'"
-            for s, ks in missing.items()]

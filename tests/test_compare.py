@@ -95,7 +95,7 @@ def test_compare_without_runs_is_one_clear_error(tmp_path, monkeypatch, capsys):
 def test_missing_prints_the_queue_commands_of_runs_not_done(tmp_path, monkeypatch, capsys):
     """A comparison built up over sittings: --missing names exactly the (strategy, seed) runs without a summary."""
     from stages import compare
-    from stepwise.ledger import missing_runs, queue_commands
+    from stepwise.comparison import missing_runs, queue_commands
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = tmp_path / "runs"
