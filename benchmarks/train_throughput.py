@@ -177,6 +177,8 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} CPU threads; ratio = stepwise/diffusers img/s per round")
     print_table(result["results"])
     if args.profile:
+        from stepwise.io import write_text
+
         tables = [profile_table(runner("stepwise", prepare(copy.deepcopy(base["stepwise"]), torch.device(dev),
                                                            "eager")[0], torch.device(dev), "eager", args.warmup,
                                        args.steps), dev) for dev in args.devices]
@@ -198,11 +200,6 @@ def profile_table(run, device: str, rows: int = 20) -> str:
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     return f"stepwise training round on {device} (fp32 eager), top operators by self time:\n" + \
         prof.key_averages().table(sort_by=sort, row_limit=rows)
-
-
-def write_text(text: str, path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 if __name__ == "__main__":
