@@ -228,3 +228,16 @@ def test_metric_tables_are_comparable_rows(tree, tmp_path):
 def test_metric_tables_omit_models_not_run(tmp_path):
     report = build_report(T, root=fake_tree(tmp_path / "run", pruning=False, tdc=False))
     assert sorted(metric_tables(report)) == ["models/unified.json"]
+
+
+def test_dvc_yaml_declares_every_metric_table_row():
+    """The report stage's metrics in dvc.yaml are exactly one file per model and per claim of stepwise/report.py."""
+    import yaml
+
+    from stepwise.report import CLAIMS, MODELS
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
+    declared = {next(iter(m)) if isinstance(m, dict) else m for m in stage["metrics"]}
+    assert declared == {f"reports/tables/models/{m}.json" for m in MODELS} | \
+        {f"reports/tables/claims/{c}.json" for c in CLAIMS}
+    assert "--tables reports/tables" in stage["cmd"]
